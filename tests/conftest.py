@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset.npz"
+
+
+def write_cifar_fixture(root: Path, n_per_batch: int = 20, n_test: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Write a small CIFAR-10 in torchvision's python format (pickled batches); return the
+    first training batch's images (NHWC) and labels, to check the loader against."""
+    rng = np.random.default_rng(seed)
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    first = None
+    for name, n in [(f"data_batch_{i}", n_per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        x = rng.integers(0, 256, size=(n, 3 * 32 * 32), dtype=np.uint8)
+        labels = [int(v) for v in np.arange(n) % 10]
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": x, "labels": labels, "batch_label": name}, f)
+        if first is None:
+            first = (x.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1), np.array(labels))
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return first
+
+
+@pytest.fixture
+def tiny_spec_file(tmp_path: Path) -> Path:
+    """An experiment file small enough to train in seconds on 2 CPU cores."""
+    p = tmp_path / "tiny.toml"
+    p.write_text(
+        f"""
+name = "tiny"
+[data]
+dataset = "digits"
+train_size = 80
+test_size = 40
+val_fraction = 0.25
+[train]
+epochs = 2
+batch_size = 30
+lr = 0.002
+optimizer = "adam"
+threads = 2
+output_dir = "{tmp_path / 'runs'}"
+"""
+    )
+    return p

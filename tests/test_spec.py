@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from tuning import spec as spec_mod
+from tuning.spec import SpecError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.toml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_experiment_files_load():
+    for f in sorted((REPO / "experiments").glob("*.toml")):
+        spec = spec_mod.load(f)
+        assert spec.name and spec.train.epochs >= 1, f
+
+
+def test_defaults_and_values(tmp_path):
+    spec = spec_mod.load(write(tmp_path, '[train]\nlr = 0.1\nepochs = 3\n'))
+    assert spec.name == "exp"  # file stem
+    assert spec.train.lr == 0.1 and spec.train.epochs == 3
+    assert spec.data.dataset == "digits" and spec.data.val_fraction == 0.1
+
+
+def test_unknown_key_names_key_file_and_allowed(tmp_path):
+    f = write(tmp_path, "[train]\nlrr = 0.1\n")
+    with pytest.raises(SpecError) as e:
+        spec_mod.load(f)
+    msg = str(e.value)
+    assert "lrr" in msg and str(f) in msg and "[train]" in msg and "lr," in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(SpecError, match="unknown top-level key 'trian'.*\\[train\\]"):
+        spec_mod.load(write(tmp_path, "[trian]\nlr = 0.1\n"))
+
+
+def test_wrong_type(tmp_path):
+    with pytest.raises(SpecError, match=r"\[train\] epochs must be an integer, got str 'ten'"):
+        spec_mod.load(write(tmp_path, '[train]\nepochs = "ten"\n'))
+    with pytest.raises(SpecError, match="must be true or false"):
+        spec_mod.load(write(tmp_path, "[data]\ndownload = 1\n"))
+
+
+def test_int_accepted_for_float(tmp_path):
+    assert spec_mod.load(write(tmp_path, "[train]\nlr = 1\n")).train.lr == 1.0
+
+
+def test_choice_lists_allowed_values(tmp_path):
+    with pytest.raises(SpecError, match="optimizer must be one of 'sgd', 'adam'"):
+        spec_mod.load(write(tmp_path, '[train]\noptimizer = "rmsprop"\n'))
+
+
+def test_ranges(tmp_path):
+    with pytest.raises(SpecError, match="val_fraction"):
+        spec_mod.load(write(tmp_path, "[data]\nval_fraction = 0.0\n"))
+    with pytest.raises(SpecError, match=r"ratio 1.0 is outside \[0, 1\)"):
+        spec_mod.load(write(tmp_path, "[sweep]\nratios = [0.5, 1.0]\n"))
+    with pytest.raises(SpecError, match="needs path"):
+        spec_mod.load(write(tmp_path, '[data]\ndataset = "npz"\n'))
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    f = write(tmp_path, "[train]\nlr = 0.1\n")
+    spec = spec_mod.load(f, ["train.lr=0.5", "data.dataset=npz", "data.path=x.npz", "sweep.ratios=[0.0, 0.3]"])
+    assert spec.train.lr == 0.5 and spec.data.dataset == "npz" and spec.sweep.ratios == [0.0, 0.3]
+    assert Path(spec.data.path).is_absolute()  # resolved for Ray workers
+    with pytest.raises(SpecError, match="unknown key 'nope'"):
+        spec_mod.load(f, ["train.nope=1"])
+    with pytest.raises(SpecError, match="epochs must be an integer"):
+        spec_mod.load(f, ["train.epochs=abc"])
+    with pytest.raises(SpecError, match="section.key=value"):
+        spec_mod.load(f, ["train.epochs"])
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        spec_mod.load(tmp_path / "nope.toml")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        spec_mod.load(write(tmp_path, "[train\n"))
+
+
+def test_round_trip(tmp_path):
+    spec = spec_mod.load(write(tmp_path, "[train]\nlr = 0.3\n"))
+    assert spec_mod.from_dict(spec.to_dict()).to_dict() == spec.to_dict()

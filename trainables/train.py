@@ -1,0 +1,279 @@
+"""Train and evaluate CIFAR-ResNet18: ``train_one_epoch`` / ``evaluate`` / ``fit``.
+
+No Ray here, so this runs and benchmarks standalone. The recipe, top to bottom:
+SGD with Nesterov momentum and weight decay (or Adam), a OneCycle / cosine / constant schedule
+stepped per batch, label smoothing, on CUDA bf16 autocast and channels_last. Batches come from
+:mod:`trainables.data` (uint8 on the device, augmented per batch there).
+
+A checkpoint holds model, optimiser, scheduler, completed epochs, RNG states, the training and
+data configs and the per-epoch history. Since each epoch's shuffle and augmentation depend only
+on ``(seed, epoch)``, resuming continues the run exactly: the same weights as an uninterrupted
+run. A NaN/Inf loss raises :class:`Diverged` naming the epoch and the lr; the last good
+checkpoint is kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn as nn
+
+from trainables.data import Split, Splits, eval_batches, train_batches
+from trainables.model import ARCH, cifar_resnet18
+
+
+@dataclass
+class TrainConfig:
+    """The ``[train]`` section of an experiment file: every recipe knob in one place."""
+
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 0.01
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    label_smoothing: float = 0.1
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    eval_batch_size: int = 512
+    output_dir: str = "runs"  # `prunetune train` writes OUTPUT_DIR/<name>/<time>/checkpoint.pt
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+    def __init__(self, epoch: int, lr: float, loss: float, optimizer: str):
+        self.epoch, self.lr, self.loss = epoch, lr, loss
+        super().__init__(
+            f"training diverged at epoch {epoch} with lr={lr:g} ({optimizer}): loss is {loss}. "
+            "Lower [train] lr (e.g. 10x) or search a narrower lr range"
+        )
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or not ours."""
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict[str, float]] = field(default_factory=list)
+    val_accuracy: float = float("nan")
+    test_accuracy: float = float("nan")
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+    checkpoint: str | None = None
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("[train] device = 'cuda' but CUDA is not available; use 'auto' or 'cpu'")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+def train_one_epoch(
+    model: nn.Module, split: Split, opt: torch.optim.Optimizer, sched, cfg: TrainConfig, epoch: int
+) -> dict[str, float]:
+    """One pass over ``split``; returns loss, train accuracy, images and seconds."""
+    device = split.x.device
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(train_batches(split, cfg.batch_size, cfg.seed, epoch)):
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            out = model(x)
+            loss = criterion(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += loss.detach().float() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+        if step % 20 == 0 and not torch.isfinite(loss_sum):  # one sync every 20 steps
+            break
+    loss = (loss_sum / max(seen, 1)).item()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if not math.isfinite(loss):
+        raise Diverged(epoch, cfg.lr, loss, cfg.optimizer)
+    return {"train_loss": loss, "train_accuracy": correct.item() / max(seen, 1), "images": seen, "seconds": seconds}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> float:
+    """Top-1 accuracy (0-1) of ``model`` on ``split`` (no augmentation)."""
+    device = split.x.device
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for x, y in eval_batches(split, batch_size):
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device):
+            correct += (model(x).argmax(1) == y).sum()
+    model.train(was_training)
+    return correct.item() / max(len(split), 1)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a reader (or a crash) never sees a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`fit`; clear errors for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; `prunetune train FILE` writes one")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a prunetune checkpoint: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH:
+        found = ckpt.get("arch") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a {ARCH} checkpoint written by prunetune (found {found!r})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    model = cifar_resnet18(ckpt.get("num_classes", 10))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+# Knobs that do not change the result; everything else must match to continue a run exactly.
+_RESUME_FREE = {"threads", "device", "eval_batch_size", "output_dir"}
+
+
+def _check_same_run(ckpt: dict[str, Any], cfg: TrainConfig) -> None:
+    now = dataclasses.asdict(cfg)
+    diff = [f"{k}={ckpt['train'].get(k)!r} (now {v!r})" for k, v in now.items()
+            if k not in _RESUME_FREE and ckpt["train"].get(k) != v]
+    if diff:
+        raise CheckpointError(
+            "cannot resume: the checkpoint's run was trained with " + ", ".join(diff)
+            + "; resuming continues that same run, so use the same experiment file and --set values"
+        )
+
+
+def fit(
+    splits: Splits,
+    cfg: TrainConfig,
+    *,
+    checkpoint_path: str | Path | None = None,
+    resume: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train a fresh CIFAR-ResNet18 (or continue ``resume``) on ``splits`` for ``cfg.epochs``.
+
+    ``splits`` should already be on the training device. After every epoch the checkpoint is
+    written (when ``checkpoint_path`` is given) and ``on_epoch(metrics)`` is called.
+    ``meta`` (e.g. the data config) is stored in the checkpoint for later sweeps.
+    """
+    device = splits.train.x.device
+    if cfg.threads > 0 and device.type == "cpu":
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = cifar_resnet18().to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg)
+    steps = max(1, len(splits.train) // cfg.batch_size)
+    sched = make_scheduler(opt, cfg, steps)
+    history: list[dict[str, float]] = []
+    start_epoch = 1
+    if resume is not None:
+        _check_same_run(resume, cfg)
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        if "cuda" in resume["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        history = list(resume["history"])
+        start_epoch = resume["epoch"] + 1
+
+    result = FitResult(model=model, history=history, checkpoint=str(checkpoint_path) if checkpoint_path else None)
+    train_seconds = sum(h["seconds"] for h in history)
+    images = sum(h["images"] for h in history)
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
+        stats = train_one_epoch(model, splits.train, opt, sched, cfg, epoch)
+        stats["val_accuracy"] = evaluate(model, splits.val, cfg.eval_batch_size)
+        stats["epoch"] = epoch
+        stats["images_per_second"] = stats["images"] / stats["seconds"]
+        stats["lr"] = sched.get_last_lr()[0]
+        stats["epoch_seconds"] = time.perf_counter() - epoch_start
+        stats["elapsed"] = stats["epoch_seconds"] + (history[-1]["elapsed"] if history else 0.0)
+        history.append(stats)
+        train_seconds += stats["seconds"]
+        images += stats["images"]
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, {
+                "arch": ARCH, "num_classes": 10, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                "train": dataclasses.asdict(cfg), "meta": meta or {}, "history": history,
+            })
+        if on_epoch is not None:
+            on_epoch(stats)
+    result.history = history
+    result.val_accuracy = history[-1]["val_accuracy"] if history else float("nan")
+    result.train_seconds = train_seconds
+    result.images_per_second = images / train_seconds if train_seconds else 0.0
+    result.test_accuracy = evaluate(model, splits.test, cfg.eval_batch_size)
+    return result

@@ -1,0 +1,1 @@
+"""Everything on the driver: experiment files, search, tracking, the CLI."""

@@ -1,0 +1,175 @@
+"""Experiment files (TOML) -> a validated :class:`Spec`.
+
+An experiment file has a top-level ``name`` and one table per section (``[data]``,
+``[train]``, ``[sweep]``). Every key has a default, so a file only states what it changes.
+Unknown keys, wrong types and values outside a fixed set are :class:`SpecError` s that name
+the file, the key, what was found and what is allowed.
+
+``--set section.key=value`` overrides are applied to the raw TOML before validation, so
+they get exactly the same checks; ``value`` is parsed as a TOML value (``0.1``, ``true``,
+``["a", "b"]``) and taken as a plain string when it is not one (``--set data.dataset=npz``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from trainables.data import DataConfig
+from trainables.sweep import SweepConfig
+from trainables.train import TrainConfig
+
+__all__ = ["Spec", "SpecError", "load", "from_dict", "parse_override"]
+
+
+class SpecError(ValueError):
+    """A problem in an experiment file; the message names the key and the fix."""
+
+
+@dataclass
+class Spec:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    source: str = "<dict>"  # the file it came from, for messages
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (TOML/JSON-able), the inverse of :func:`from_dict`."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "sweep": SweepConfig}
+_ROOT_KEYS = {"name"}
+# Keys holding filesystem paths: relative ones are resolved against the working directory
+# at load time, so Ray workers (which run elsewhere) get absolute paths.
+_PATH_KEYS = {("data", "path"), ("data", "root"), ("train", "output_dir")}
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"a list of {get_args(tp)[0].__name__}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _check_value(where: str, tp: Any, value: Any) -> Any:
+    """Return ``value`` converted to ``tp`` or raise a SpecError naming ``where``."""
+    ok: bool
+    if get_origin(tp) is Literal:
+        ok = value in get_args(tp)
+    elif get_origin(tp) is list:
+        (item,) = get_args(tp)
+        if isinstance(value, list):
+            return [_check_value(f"{where}[{i}]", item, v) for i, v in enumerate(value)]
+        ok = False
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise SpecError(f"{where} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build_section(source: str, section: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: [{section}] must be a table, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise SpecError(
+                f"{source}: unknown key '{key}' in [{section}]; allowed keys: {', '.join(allowed)}"
+            )
+        values[key] = _check_value(f"{source}: [{section}] {key}", hints[key], value)
+    return cls(**values)
+
+
+def _validate_ranges(spec: Spec) -> None:
+    src, d, t, s = spec.source, spec.data, spec.train, spec.sweep
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise SpecError(f"{src}: {msg}")
+
+    need(0.0 < d.val_fraction < 1.0, f"[data] val_fraction must be in (0, 1), got {d.val_fraction}")
+    need(d.train_size >= 0 and d.test_size >= 0, "[data] train_size and test_size must be >= 0 (0 = all)")
+    need(d.dataset != "npz" or bool(d.path), "[data] dataset = 'npz' needs path = 'FILE.npz'")
+    need(t.epochs >= 1, f"[train] epochs must be >= 1, got {t.epochs}")
+    need(t.batch_size >= 1 and t.eval_batch_size >= 1, "[train] batch sizes must be >= 1")
+    need(t.lr > 0, f"[train] lr must be > 0, got {t.lr}")
+    need(t.threads >= 0, "[train] threads must be >= 0 (0 = torch's default)")
+    need(0.0 <= t.label_smoothing < 1.0, "[train] label_smoothing must be in [0, 1)")
+    need(bool(s.ratios), "[sweep] ratios must not be empty")
+    for r in s.ratios:
+        need(0.0 <= r < 1.0, f"[sweep] ratio {r} is outside [0, 1); use e.g. ratios = [0.0, 0.5, 0.8]")
+    need(s.finetune_epochs >= 0, "[sweep] finetune_epochs must be >= 0")
+    need(s.latency_runs >= 1 and s.latency_threads >= 1, "[sweep] latency_runs and latency_threads must be >= 1")
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
+    """Validate a raw (parsed TOML) dict into a Spec."""
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            kwargs[key] = _build_section(source, key, _SECTIONS[key], value)
+        elif key in _ROOT_KEYS:
+            kwargs[key] = _check_value(f"{source}: {key}", str, value)
+        else:
+            allowed = sorted(_ROOT_KEYS) + [f"[{s}]" for s in _SECTIONS]
+            raise SpecError(f"{source}: unknown top-level key '{key}'; allowed: {', '.join(allowed)}")
+    spec = Spec(source=source, **kwargs)
+    for section, key in _PATH_KEYS:
+        sec = getattr(spec, section)
+        if getattr(sec, key):
+            setattr(sec, key, str(Path(getattr(sec, key)).expanduser().resolve()))
+    _validate_ranges(spec)
+    return spec
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.1"`` -> (["train", "lr"], 0.1)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set expects section.key=value, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def _apply_override(raw: dict[str, Any], text: str) -> None:
+    path, value = parse_override(text)
+    node = raw
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {text}: '{part}' is not a section")
+    node[path[-1]] = value
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    """Read an experiment file, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"experiment file {path} not found; see experiments/*.toml for examples")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from None
+    raw.setdefault("name", path.stem)
+    for text in overrides:
+        _apply_override(raw, text)
+    return from_dict(raw, source=str(path))
