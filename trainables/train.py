@@ -1,7 +1,7 @@
 """Train and evaluate CIFAR-ResNet18: ``train_one_epoch`` / ``evaluate`` / ``fit``.
 
 No Ray here, so this runs and benchmarks standalone. The recipe, top to bottom:
-SGD with Nesterov momentum and weight decay (or Adam), a OneCycle / cosine / constant schedule
+SGD with Nesterov momentum and weight decay (or Adam), a one-cycle (triangle) / cosine / constant schedule
 stepped per batch, label smoothing, on CUDA bf16 autocast and channels_last. Batches come from
 :mod:`trainables.data` (uint8 on the device, augmented per batch there).
 
@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    amp: bool = True  # on CUDA: bf16 autocast + channels_last (no effect on CPU)
     eval_batch_size: int = 512
     output_dir: str = "runs"  # `prunetune train` writes OUTPUT_DIR/<name>/<time>/checkpoint.pt
 
@@ -58,6 +59,10 @@ class Diverged(RuntimeError):
             f"training diverged at epoch {epoch} with lr={lr:g} ({optimizer}): loss is {loss}. "
             "Lower [train] lr (e.g. 10x) or search a narrower lr range"
         )
+
+
+class DeviceError(RuntimeError):
+    """The requested training device is not there."""
 
 
 class CheckpointError(ValueError):
@@ -77,14 +82,18 @@ class FitResult:
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("[train] device = 'cuda' but CUDA is not available; use 'auto' or 'cpu'")
+        raise DeviceError("[train] device = 'cuda' but CUDA is not available; use 'auto' or 'cpu'")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
+def _fast_cuda(device: torch.device, amp: bool) -> bool:
+    return amp and device.type == "cuda"
+
+
+def _autocast(device: torch.device, amp: bool = True) -> contextlib.AbstractContextManager:
+    if _fast_cuda(device, amp):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -99,12 +108,20 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Per-batch lr multiplier. ``onecycle`` is airbench's triangle: linear warm-up over the
+    first 25% of steps to ``lr``, then linear decay to 0 (well-defined for any step count)."""
     total = max(1, cfg.epochs * steps_per_epoch)
+    warm = max(1, round(0.25 * total))
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        def factor(step: int) -> float:
+            return (step + 1) / warm if step < warm else max(0.0, (total - step) / max(1, total - warm))
+    elif cfg.schedule == "cosine":
+        def factor(step: int) -> float:
+            return 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    else:
+        def factor(step: int) -> float:
+            return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def train_one_epoch(
@@ -119,9 +136,9 @@ def train_one_epoch(
     seen = 0
     start = time.perf_counter()
     for step, (x, y) in enumerate(train_batches(split, cfg.batch_size, cfg.seed, epoch)):
-        if device.type == "cuda":
+        if _fast_cuda(device, cfg.amp):
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
+        with _autocast(device, cfg.amp):
             out = model(x)
             loss = criterion(out, y)
         opt.zero_grad(set_to_none=True)
@@ -230,7 +247,7 @@ def fit(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = cifar_resnet18().to(device)
-    if device.type == "cuda":
+    if _fast_cuda(device, cfg.amp):
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     steps = max(1, len(splits.train) // cfg.batch_size)

@@ -105,11 +105,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from trainables.data import DataError
-    from trainables.train import CheckpointError, Diverged
+    from trainables.train import CheckpointError, DeviceError, Diverged
 
     try:
         return args.func(args)
-    except (UserError, spec_mod.SpecError, DataError, Diverged, CheckpointError) as e:
+    except (UserError, spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError) as e:
         print(f"prunetune {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
