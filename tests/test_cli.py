@@ -87,3 +87,69 @@ def test_cifar_subset_absent_is_clear(tmp_path):
     # the experiment file's relative path, resolved from a directory where it does not exist
     r = prunetune("train", str(REPO / "experiments/cifar10_subset.toml"), cwd=tmp_path)
     assert r.returncode == 2 and "cifar10-subset.npz not found" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweepcli")
+    spec = d / "tiny.toml"
+    spec.write_text(f"""
+[data]
+train_size = 100
+test_size = 40
+val_fraction = 0.3
+[train]
+epochs = 1
+batch_size = 35
+lr = 0.002
+optimizer = "adam"
+output_dir = "{d}"
+[sweep]
+latency_runs = 5
+latency_warmup = 1
+eval_size = 30
+""")
+    r = prunetune("train", str(spec), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.splitlines()[-1])["checkpoint"]
+
+
+def test_sweep_json_contract(tiny_checkpoint, tmp_path):
+    r = prunetune("sweep", tiny_checkpoint, "--methods", "global_l1,layer_l1", "--ratios", "0:0.6:0.3", "--json")
+    assert r.returncode == 0, r.stderr
+    points = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [(p["method"], p["ratio"]) for p in points] == [
+        ("global_l1", 0.0), ("global_l1", 0.3), ("global_l1", 0.6), ("layer_l1", 0.0), ("layer_l1", 0.3), ("layer_l1", 0.6)]
+    for p in points:
+        for k in ("int8", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "sparsity", "nonzero_params", "size_mb", "macs"):
+            assert k in p, k
+        assert p["sparsity"] == pytest.approx(p["ratio"], abs=1e-3)
+    assert "latency_ms" in r.stdout.splitlines()[1] or "latency_ms" in r.stdout  # the printed table
+
+
+def test_sweep_csv(tiny_checkpoint, tmp_path):
+    out = tmp_path / "s.csv"
+    r = prunetune("sweep", tiny_checkpoint, "--methods", "channel_l1", "--ratios", "0.5", "--int8", "--csv", str(out))
+    assert r.returncode == 0, r.stderr
+    import pandas as pd
+    df = pd.read_csv(out)
+    assert list(df.int8) == [False, True] and (df.method == "channel_l1").all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratios", "0,1.2"], "every ratio must be in [0, 1)"),
+    (["--ratios", "a:b"], "use start:stop:step"),
+    (["--methods", "magic"], "unknown method 'magic'"),
+])
+def test_sweep_bad_options(tiny_checkpoint, args, message):
+    r = prunetune("sweep", tiny_checkpoint, *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sweep_bad_checkpoints(tmp_path):
+    import torch
+    r = prunetune("sweep", str(tmp_path / "none.pt"))
+    assert r.returncode == 2 and "not found" in r.stderr
+    torch.save({"arch": "vit_b_16", "model": {}}, tmp_path / "vit.pt")
+    r = prunetune("sweep", str(tmp_path / "vit.pt"))
+    assert r.returncode == 2 and "vit_b_16" in r.stderr and "Traceback" not in r.stderr

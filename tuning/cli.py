@@ -82,6 +82,81 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- sweep
+
+
+def parse_ratios(text: str) -> list[float]:
+    """``"0:0.8:0.05"`` (start:stop:step, stop included) or ``"0,0.3,0.5"`` -> sorted floats."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            n = int(round((stop - start) / step))
+            values = [round(start + i * step, 6) for i in range(n + 1)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--ratios {text!r}: use start:stop:step (e.g. 0:0.8:0.05) or a list (0,0.3,0.5)") from None
+    bad = [v for v in values if not 0.0 <= v < 1.0]
+    if bad or not values:
+        raise UserError(f"--ratios {text!r}: every ratio must be in [0, 1), got {bad or 'none'}")
+    return sorted(set(values))
+
+
+def _load_trained(path: str):
+    """Checkpoint -> (model, spec, splits on the device) for sweeps and exports."""
+    from trainables import data
+    from trainables.train import load_checkpoint, model_from_checkpoint, pick_device
+
+    ckpt = load_checkpoint(path)
+    spec = spec_mod.from_dict(ckpt["meta"]["spec"], source=f"{path} (its experiment)")
+    device = pick_device(spec.train.device)
+    splits = data.load(spec.data).to(device)
+    return model_from_checkpoint(ckpt).to(device).eval(), spec, splits
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from trainables.sweep import run_sweep
+
+    model, spec, splits = _load_trained(args.checkpoint)
+    changes: dict[str, Any] = {}
+    if args.methods:
+        changes["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.ratios:
+        changes["ratios"] = parse_ratios(args.ratios)
+    if args.int8:
+        changes["int8"] = True
+    if args.finetune_epochs is not None:
+        changes["finetune_epochs"] = args.finetune_epochs
+    if args.eval_size is not None:
+        changes["eval_size"] = args.eval_size
+    raw = spec.to_dict()
+    raw["sweep"].update(changes)
+    spec = spec_mod.from_dict(raw, source="prunetune sweep options")  # same checks as a file
+    cfg = spec.sweep
+    print(
+        f"sweeping {args.checkpoint}: methods {', '.join(cfg.methods)}; ratios {cfg.ratios}; "
+        f"int8 {'on+off' if cfg.int8 else 'off'}; fine-tune {cfg.finetune_epochs} epochs; "
+        f"latency: CPU batch 1, {cfg.latency_threads} thread(s), median of {cfg.latency_runs}",
+        flush=True,
+    )
+    df = run_sweep(model, splits, cfg, spec.train)
+    shown = df.drop(columns=["arch", "cpu", "threads"])
+    shown = shown.dropna(axis=1, how="all")
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
+        print(shown.to_string(index=False))
+    print(f"latency measured on: {df.cpu.iloc[0]}", flush=True)
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    if args.json:
+        _print_json(json.loads(df.to_json(orient="records")))
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -99,6 +174,18 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint written by an earlier run")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sweep", help="sweep compression methods and ratios over a trained checkpoint")
+    s.add_argument("checkpoint", help="checkpoint.pt written by `prunetune train`")
+    s.add_argument("--methods", help="comma list of global_l1, layer_l1, global_random, channel_l1")
+    s.add_argument("--ratios", help="start:stop:step (stop included, e.g. 0:0.8:0.05) or a comma list")
+    s.add_argument("--int8", action="store_true", help="measure every point also with INT8 on top")
+    s.add_argument("--finetune-epochs", type=int, help="fine-tune each pruned model (mask fixed)")
+    s.add_argument("--eval-size", type=int, help="evaluate on at most N validation/test images")
+    out = s.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a JSON array (one object per point) last")
+    out.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    s.set_defaults(func=cmd_sweep)
     return p
 
 
