@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, MutableMapping
 
 import pandas as pd
 import torch
@@ -86,7 +86,7 @@ def run_sweep(
     cfg: SweepConfig,
     train_cfg: TrainConfig | None = None,
     *,
-    latency_cache: dict[str, dict[str, Any]] | None = None,
+    latency_cache: MutableMapping[str, dict[str, Any]] | None = None,
     progress: bool = True,
     on_point: Callable[[dict[str, Any]], None] | None = None,
 ) -> pd.DataFrame:
@@ -114,10 +114,9 @@ def run_sweep(
     def latency_of(m: nn.Module) -> dict[str, Any]:
         key = compress.architecture_signature(m)
         if key not in cache:
-            cache[key] = measure.cpu_latency(
-                m, threads=cfg.latency_threads, runs=cfg.latency_runs, warmup=cfg.latency_warmup
-            )
-            cache[key]["throughput_ips"] = measure.gpu_throughput(m)
+            entry = measure.cpu_latency(m, threads=cfg.latency_threads, runs=cfg.latency_runs, warmup=cfg.latency_warmup)
+            entry["throughput_ips"] = measure.gpu_throughput(m)
+            cache[key] = entry  # a shared cache may keep an earlier trial's entry instead
         return {"arch": key, **cache[key]}
 
     def describe(m: nn.Module, **known: Any) -> dict[str, Any]:

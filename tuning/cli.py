@@ -157,6 +157,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- search
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from tuning import search
+
+    spec = spec_mod.load(args.file, args.set)
+    res = search.search(spec, address=args.address)
+    search.print_summary(res, spec)
+    return 0 if len(res.points) else 1
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from tuning import search
+
+    res, spec = search.resume(args.path, address=args.address)
+    search.print_summary(res, spec)
+    return 0 if len(res.points) else 1
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -186,6 +206,17 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", help="print a JSON array (one object per point) last")
     out.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     s.set_defaults(func=cmd_sweep)
+
+    address_help = "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
+    se = sub.add_parser("search", help="Ray Tune + Optuna search over lr and prune ratio (train + sweep per trial)")
+    with_file(se)
+    se.add_argument("--address", help=address_help)
+    se.set_defaults(func=cmd_search)
+
+    re_ = sub.add_parser("resume", help="continue an interrupted search from its directory")
+    re_.add_argument("path", help="the experiment directory `prunetune search` printed")
+    re_.add_argument("--address", help=address_help)
+    re_.set_defaults(func=cmd_resume)
     return p
 
 
@@ -196,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (UserError, spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError) as e:
+    except (UserError, spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError,
+            ConnectionError, FileNotFoundError) as e:
         print(f"prunetune {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -31,11 +31,35 @@ class SpecError(ValueError):
 
 
 @dataclass
+class SearchConfig:
+    """The ``[search]`` section: what Optuna searches, how Ray runs the trials."""
+
+    num_samples: int = 4  # trained trials
+    lr_min: float = 1e-3  # lr is searched log-uniformly in [lr_min, lr_max]
+    lr_max: float = 1e-1
+    ratio_min: float = 0.0  # prune_ratio is searched uniformly in [ratio_min, ratio_max]
+    ratio_max: float = 0.8
+    search_method: bool = True  # search the method among [sweep] methods (else always the first)
+    objectives: list[str] = field(default_factory=lambda: ["accuracy:max", "latency_ms:min"])
+    sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"  # grid: grid_lrs x [sweep] ratios
+    grid_lrs: list[float] = field(default_factory=list)
+    seed: int = 0
+    sweep_feedback: bool = True  # every sweep point becomes a completed Optuna trial
+    asha: bool = False  # early-stop trials on val_accuracy during training
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fractional: 0.25 -> four trials share a GPU
+    max_concurrent_trials: int = 0  # 0 = as many as resources allow
+    max_failures: int = 2  # retries of a trial whose worker died
+    storage_path: str = "ray_results"
+
+
+@dataclass
 class Spec:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     source: str = "<dict>"  # the file it came from, for messages
 
     def to_dict(self) -> dict[str, Any]:
@@ -45,11 +69,13 @@ class Spec:
         return d
 
 
-_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "sweep": SweepConfig}
+_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "sweep": SweepConfig, "search": SearchConfig}
 _ROOT_KEYS = {"name"}
 # Keys holding filesystem paths: relative ones are resolved against the working directory
 # at load time, so Ray workers (which run elsewhere) get absolute paths.
-_PATH_KEYS = {("data", "path"), ("data", "root"), ("train", "output_dir")}
+_PATH_KEYS = {("data", "path"), ("data", "root"), ("train", "output_dir"), ("search", "storage_path")}
+OBJECTIVE_METRICS = ("accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "size_mb", "macs",
+                     "nonzero_params", "sparsity", "throughput_ips")
 
 
 def _type_name(tp: Any) -> str:
@@ -98,7 +124,7 @@ def _build_section(source: str, section: str, cls: type, raw: Any) -> Any:
 
 
 def _validate_ranges(spec: Spec) -> None:
-    src, d, t, s = spec.source, spec.data, spec.train, spec.sweep
+    src, d, t, s, q = spec.source, spec.data, spec.train, spec.sweep, spec.search
 
     def need(cond: bool, msg: str) -> None:
         if not cond:
@@ -119,6 +145,16 @@ def _validate_ranges(spec: Spec) -> None:
         need(0.0 <= r < 1.0, f"[sweep] ratio {r} is outside [0, 1); use e.g. ratios = [0.0, 0.5, 0.8]")
     need(s.finetune_epochs >= 0, "[sweep] finetune_epochs must be >= 0")
     need(s.latency_runs >= 1 and s.latency_threads >= 1, "[sweep] latency_runs and latency_threads must be >= 1")
+    need(q.num_samples >= 1, "[search] num_samples must be >= 1")
+    need(0 < q.lr_min <= q.lr_max, f"[search] need 0 < lr_min <= lr_max, got {q.lr_min}, {q.lr_max}")
+    need(0.0 <= q.ratio_min <= q.ratio_max < 1.0, "[search] need 0 <= ratio_min <= ratio_max < 1")
+    need(q.cpus_per_trial > 0 and q.gpus_per_trial >= 0, "[search] cpus_per_trial must be > 0, gpus_per_trial >= 0")
+    need(q.sampler != "grid" or bool(q.grid_lrs), "[search] sampler = 'grid' needs grid_lrs = [...]")
+    need(bool(q.objectives), "[search] objectives must not be empty")
+    for o in q.objectives:
+        name, _, mode = o.partition(":")
+        need(name in OBJECTIVE_METRICS and mode in ("max", "min"),
+             f"[search] objective {o!r} must be METRIC:max|min with METRIC one of {', '.join(OBJECTIVE_METRICS)}")
 
 
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:

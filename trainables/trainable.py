@@ -1,0 +1,131 @@
+"""The Ray Tune function trainable: train (checkpointed every epoch) -> sweep -> report.
+
+The only module of ``trainables`` that imports Ray. One trial:
+
+1. restores from ``tune.get_checkpoint()`` when Tune restarts it (a lost node, a resumed
+   search) and continues at the saved epoch;
+2. trains with the trial's sampled ``lr`` (and any other searched keys), reporting
+   ``val_accuracy``, ``train_loss``, ``epoch`` and ``images_per_second`` every epoch with a
+   checkpoint (one kept per trial);
+3. sweeps the experiment's (method, ratio[, int8]) grid plus the trial's own sampled
+   ``prune_ratio`` on the trained weights, with latencies shared across trials through the
+   :class:`LatencyCache` actor;
+4. reports the objectives at its own ``(method, prune_ratio)`` and the whole sweep table
+   (``sweep_json``), which the searcher feeds back to Optuna.
+
+A diverging lr ends the trial with ``phase = "diverged"`` and no objectives (Optuna records it
+as pruned); the search goes on. The trial uses exactly the CPUs (threads) and GPU Ray gave it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray import tune
+
+from trainables.data import Splits
+from trainables.sweep import SweepConfig, run_sweep
+from trainables.train import Diverged, TrainConfig, fit, load_checkpoint, model_from_checkpoint
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LATENCY_CACHE = "prunetune_latency_cache"
+
+
+@ray.remote(num_cpus=0)
+class LatencyCache:
+    """Latency per architecture signature, shared by every trial of a search. The first
+    measurement of an architecture wins, so the same (method, ratio, int8) point gets the same
+    latency in every trial, even when two trials measured it at the same time."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, dict[str, Any]] = {}
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.table.get(key)
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.table.setdefault(key, value)
+
+
+class _SharedCache:
+    """The mapping ``run_sweep`` expects, backed by the search's LatencyCache actor."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def __contains__(self, key: str) -> bool:
+        return self[key] is not None
+
+    def __getitem__(self, key: str) -> dict[str, Any] | None:
+        return ray.get(self.actor.get.remote(key))
+
+    def __setitem__(self, key: str, value: dict[str, Any]) -> None:
+        ray.get(self.actor.put.remote(key, value))
+
+
+def _resources() -> tuple[int, torch.device]:
+    """Threads and device from what Ray assigned to this trial."""
+    assigned = ray.get_runtime_context().get_assigned_resources()
+    threads = max(1, int(assigned.get("CPU", 1)))
+    gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+    return threads, torch.device("cuda" if gpu else "cpu")
+
+
+def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]) -> None:
+    """Function trainable; ``splits`` and ``spec`` come once per search via ``tune.with_parameters``."""
+    threads, device = _resources()
+    torch.set_num_threads(threads)
+    searched = {k: v for k, v in config.items() if k in spec["train"]}  # lr, and any other [train] key
+    train_cfg = dataclasses.replace(TrainConfig(**spec["train"]), **searched, threads=threads, device=device.type)
+    sweep_cfg = SweepConfig(**spec["sweep"])
+    method = config.get("method", sweep_cfg.methods[0])
+    ratio = round(float(config.get("prune_ratio", 0.0)), 4)
+    int8 = bool(config.get("int8", False))
+    base = {"trial_start": time.time(), "lr": train_cfg.lr, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "device": device.type,
+            "node_id": ray.get_runtime_context().get_node_id(), "threads": threads}
+
+    resume = None
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            resume = load_checkpoint(Path(d) / CHECKPOINT_FILE)
+
+    workdir = Path(tempfile.mkdtemp(prefix="prunetune-trial-"))
+    ckpt_path = workdir / CHECKPOINT_FILE
+
+    def report_epoch(m: dict[str, float]) -> None:
+        metrics = {**base, "phase": "train", "epoch": int(m["epoch"]), "val_accuracy": m["val_accuracy"],
+                   "train_loss": m["train_loss"], "images_per_second": m["images_per_second"]}
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(workdir)))
+
+    try:
+        if resume is not None and resume["epoch"] >= train_cfg.epochs:
+            model = model_from_checkpoint(resume).to(device)  # trained already; sweep only
+            val_acc = resume["history"][-1]["val_accuracy"]
+        else:
+            result = fit(splits.to(device), train_cfg, checkpoint_path=ckpt_path, resume=resume,
+                         meta={"spec": {**spec, "train": dataclasses.asdict(train_cfg)}, "config": config}, on_epoch=report_epoch)
+            model, val_acc = result.model, result.val_accuracy
+    except Diverged as e:
+        tune.report({**base, "phase": "diverged", "epoch": e.epoch, "error": str(e)})
+        return
+
+    grid = dataclasses.replace(sweep_cfg, ratios=sorted(set(sweep_cfg.ratios) | {ratio}))
+    try:  # created by the search driver; absent when the trainable runs on its own
+        cache: Any = _SharedCache(ray.get_actor(LATENCY_CACHE))
+    except ValueError:
+        cache = {}
+    df = run_sweep(model.eval(), splits.to(device), grid, train_cfg, latency_cache=cache, progress=False)
+
+    own = df[(df.method == method) & (df.ratio == ratio) & (df.int8 == int8)].iloc[0].to_dict()
+    own.pop("method"), own.pop("ratio"), own.pop("int8")
+    tune.report({**base, **own, "phase": "done", "epoch": train_cfg.epochs, "val_accuracy": val_acc,
+                 "method": method, "prune_ratio": ratio, "int8": int8, "trial_end": time.time(),
+                 "sweep_json": df.to_json(orient="records")})
