@@ -14,7 +14,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 quickstart: $(BIN)/.installed
-	$(BIN)/prunetune train experiments/quickstart.toml
+	$(BIN)/prunetune search experiments/quickstart.toml
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
