@@ -1,6 +1,9 @@
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,3 +156,27 @@ def test_sweep_bad_checkpoints(tmp_path):
     torch.save({"arch": "vit_b_16", "model": {}}, tmp_path / "vit.pt")
     r = prunetune("sweep", str(tmp_path / "vit.pt"))
     assert r.returncode == 2 and "vit_b_16" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ui_serves_the_tracking_store(tmp_path):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "ui", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+                             "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
+        deadline, status = time.time() + 120, None
+        while time.time() < deadline and status is None:
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status
+            except OSError:
+                time.sleep(1)
+        assert status == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

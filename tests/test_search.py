@@ -33,35 +33,134 @@ def study_trials(exp_dir: Path) -> list:
     return optuna.load_study(study_name="tiny", storage=storage).get_trials(deepcopy=False)
 
 
-def test_fractional_gpu_slots_and_sweep_feedback(tmp_path):
+@pytest.fixture(scope="module")
+def gpu_search(tmp_path_factory):
+    """One real search: local Ray with two logical GPUs, four trials at 0.5 GPU each, MLflow
+    on a SQLite store."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)  # two logical GPUs
+    tmp_path = tmp_path_factory.mktemp("search")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
     try:
-        spec = from_dict(tiny_spec(tmp_path, cpus_per_trial=0.5, gpus_per_trial=0.5))
-        res = search.search(spec)
+        res = search.search(from_dict(tiny_spec(tmp_path, cpus_per_trial=0.5, gpus_per_trial=0.5)), tracking_uri=uri)
     finally:
         ray.shutdown()
+    return res, uri
+
+
+def test_fractional_gpu_slots(gpu_search):
+    res, _ = gpu_search
     t = res.trials
-    assert len(t) == 4 and (t.status == "done").all(), t
+    assert len(t) == 4 and (t.status == "done").all(), t.to_string()
     # four trials at once: every trial started before any finished
     assert t.trial_start.max() < t.trial_end.min(), t.to_string()
     # each saw the GPU Ray assigned it; two trials per logical GPU
     assert sorted(t.cuda_visible_devices.astype(str)) == ["0", "0", "1", "1"], t.to_string()
-    # Optuna study: one entry per trained trial plus one per (other) sweep point
+
+
+def test_study_holds_every_trial_and_sweep_point(gpu_search):
+    res, _ = gpu_search
     trials = study_trials(res.path)
     trained = [s for s in trials if s.user_attrs.get("source") != "sweep"]
     assert len(trained) == 4
     assert len(trials) == len(res.points), (len(trials), res.points.to_string())  # every point is evidence
     swept = {(round(s.params["prune_ratio"], 4), s.params["method"]) for s in trials}
     assert (0.5, "channel_l1") in swept and (0.0, "global_l1") in swept
-    # results on disk, Pareto front non-empty and non-dominated
+
+
+def test_points_front_and_shared_latency(gpu_search):
+    res, _ = gpu_search
     assert (res.path / "all_points.csv").is_file() and len(res.front) >= 1
     pts = pd.read_csv(res.path / "all_points.csv")
     assert len(pts) == 4 * 6 and set(pts.method) == {"global_l1", "channel_l1"}
     # same architecture, same latency, in every trial (one shared measurement)
     assert (pts.groupby("arch").latency_ms.nunique() == 1).all(), pts.to_string()
     assert pts.trial_id.nunique() == 4 and pts.groupby("arch").trial_id.nunique().max() == 4
+
+
+def test_mlflow_runs_metrics_artifacts_and_registry(gpu_search):
+    from mlflow import MlflowClient
+
+    res, uri = gpu_search
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("prunetune.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("prunetune.kind") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.data.tags["prunetune.trial_id"] for c in children} == set(res.trials.trial_id)
+    child = children[0]
+    assert child.info.status == "FINISHED" and child.data.tags["prunetune.status"] == "done"
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")] == [1]
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "sweep_accuracy/global_l1")]
+    assert 0 in steps and 50 in steps and len(steps) == 3  # grid 0, 0.5 + the trial's own ratio
+    assert {"sweep.csv", "checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"all_points.csv", "pareto.csv", "pareto.png", "trials.csv", "experiment.json"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.params["search.num_samples"] == "4"
+    assert client.get_run(parent.info.run_id).data.metrics["pareto_hypervolume"] > 0
+    for alias in ("best-accuracy", "fastest", "knee"):
+        v = client.get_model_version_by_alias("tiny", alias)
+        assert {"method", "ratio", "int8", "lr", "accuracy", "latency_ms", "trial_run_id"} <= set(v.tags)
+    best = client.get_model_version_by_alias("tiny", "best-accuracy").tags
+    fastest = client.get_model_version_by_alias("tiny", "fastest").tags
+    assert float(best["accuracy"]) == res.front.accuracy.max()
+    assert float(fastest["latency_ms"]) == res.front.latency_ms.min()
+
+
+def cli(*args: str, uri: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuning.cli", *args, "--tracking-uri", uri], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_pareto_json_equals_front_of_all_points(gpu_search):
+    from tuning import pareto
+
+    res, uri = gpu_search
+    r = cli("pareto", "--experiment", "tiny", "--json", uri=uri)
+    assert r.returncode == 0, r.stderr
+    got = pd.DataFrame(json.loads(r.stdout.strip().splitlines()[-1]))
+    pts = pd.read_csv(res.path / "all_points.csv")
+    want = pareto.front(pts, [("accuracy", "max"), ("latency_ms", "min")])
+    key = ["trial_id", "method", "ratio", "int8"]
+    assert sorted(map(tuple, got[key].values.tolist())) == sorted(map(tuple, want[key].values.tolist()))
+    assert got.run_id.notna().all()
+    r = cli("pareto", "--experiment", "nope", uri=uri)
+    assert r.returncode == 2 and "no MLflow experiment 'nope'" in r.stderr
+
+
+def test_export_knee_to_onnx_checked_by_onnxruntime(gpu_search, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    _, uri = gpu_search
+    out = tmp_path / "knee.onnx"
+    r = cli("export", "models:/tiny@knee", "--format", "onnx", "-o", str(out), uri=uri)
+    assert r.returncode == 0, r.stderr
+    assert "top-1 agreement with the PyTorch model: 100.00%" in r.stdout or "agreement" in r.stdout
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"image": np.zeros((3, 3, 32, 32), np.float32)})[0].shape == (3, 10)
+
+
+def test_export_unswept_ratio_int8_torchscript_and_bad_refs(gpu_search, tmp_path):
+    import torch
+
+    res, uri = gpu_search
+    run_id = json.loads(cli("pareto", "--json", uri=uri).stdout.strip().splitlines()[-1])[0]["run_id"]
+    out = tmp_path / "m.pt"
+    r = cli("export", run_id, "--method", "channel_l1", "--ratio", "0.37", "--int8", "--format", "torchscript",
+            "-o", str(out), uri=uri)
+    assert r.returncode == 0, r.stderr
+    assert "channel_l1 ratio 0.37 + int8" in r.stdout and "agreement" in r.stdout
+    assert torch.jit.load(str(out))(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    r = cli("export", run_id, "--int8", "--format", "onnx", "-o", str(tmp_path / "x.onnx"), uri=uri)
+    assert r.returncode == 2 and "--format torchscript" in r.stderr
+    r = cli("export", "0123456789abcdef", "--format", "onnx", "-o", str(tmp_path / "x.onnx"), uri=uri)
+    assert r.returncode == 2 and "0123456789abcdef not found" in r.stderr
+    r = cli("export", "models:/tiny@nosuch", "--format", "onnx", "-o", str(tmp_path / "x.onnx"), uri=uri)
+    assert r.returncode == 2 and "models:/tiny@nosuch not found" in r.stderr
 
 
 def _done_trials(exp_dir: Path) -> int:
@@ -80,7 +179,7 @@ def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
         lines.append(f"[{sec}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in d[sec].items()]
     spec_file.write_text("\n".join(lines) + "\n")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "search", str(spec_file)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     exp_dir = None
@@ -102,7 +201,7 @@ def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
         proc.wait()
     done_before = _done_trials(exp_dir)
     assert 1 <= done_before < 4
-    r = subprocess.run([sys.executable, "-m", "tuning.cli", "resume", str(exp_dir)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "tuning.cli", "resume", str(exp_dir)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Pareto front" in r.stdout
@@ -111,6 +210,14 @@ def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
     trained = [s for s in study_trials(exp_dir) if s.user_attrs.get("source") != "sweep"
                and s.state == optuna.trial.TrialState.COMPLETE]
     assert len(trained) == 4
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    children = [r for r in runs if r.data.tags.get("prunetune.kind") == "trial"]
+    assert len(children) == 4  # the interrupted trial re-used its run
+    assert sorted(r.data.tags["prunetune.trial_id"] for r in children) == sorted(trials.trial_id)
+    assert len([r for r in runs if r.data.tags.get("prunetune.kind") == "search"]) == 1
 
 
 def test_unreachable_ray_address_is_clear(tmp_path):
@@ -121,7 +228,40 @@ def test_unreachable_ray_address_is_clear(tmp_path):
     assert r.returncode == 2 and "cannot reach the Ray cluster at '127.0.0.1:1'" in r.stderr
 
 
+def test_unreachable_tracking_server_fails_before_training(tmp_path):
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text(f'[data]\ntrain_size = 60\n[search]\nstorage_path = "{tmp_path}/rr"\n')
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "tuning.cli", "search", str(spec_file), "--tracking-uri",
+                        "http://127.0.0.1:1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "cannot use the MLflow tracking store 'http://127.0.0.1:1'" in r.stderr
+    assert "epoch" not in r.stdout and not (tmp_path / "rr").exists() and time.time() - t0 < 120
+
+
 def test_resume_of_a_non_search_dir(tmp_path):
     r = subprocess.run([sys.executable, "-m", "tuning.cli", "resume", str(tmp_path)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a prunetune search directory" in r.stderr
+
+
+def test_diverging_trials_end_as_diverged_and_the_search_goes_on(tmp_path):
+    import ray
+
+    d = tiny_spec(tmp_path, num_samples=2, lr_min=1e12, lr_max=1e13, cpus_per_trial=1.0)
+    d["train"].update(optimizer="sgd", schedule="constant", batch_size=10)  # several steps per epoch
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        res = search.search(from_dict(d), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    finally:
+        ray.shutdown()
+    assert list(res.trials.status) == ["diverged", "diverged"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    children = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+                if r.data.tags.get("prunetune.kind") == "trial"]
+    assert [(r.info.status, r.data.tags["prunetune.status"]) for r in children] == [("FAILED", "diverged")] * 2
+    assert res.trials.error.str.contains("diverged at epoch 1").all()
+    assert len(res.points) == 0 and len(res.front) == 0
+    states = {s.state for s in study_trials(res.path)}
+    assert states == {optuna.trial.TrialState.PRUNED}  # told, not failed, not lost

@@ -164,7 +164,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from tuning import search
 
     spec = spec_mod.load(args.file, args.set)
-    res = search.search(spec, address=args.address)
+    res = search.search(spec, address=args.address, tracking_uri=args.tracking_uri)
     search.print_summary(res, spec)
     return 0 if len(res.points) else 1
 
@@ -175,6 +175,97 @@ def cmd_resume(args: argparse.Namespace) -> int:
     res, spec = search.resume(args.path, address=args.address)
     search.print_summary(res, spec)
     return 0 if len(res.points) else 1
+
+
+# ----------------------------------------------------------------------------- pareto / export
+
+
+def _latest_search(client, experiment: str | None):
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = [e.name for e in client.search_experiments()]
+            raise UserError(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
+        ids = [exp.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, "tags.`prunetune.kind` = 'search' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+    if not runs:
+        raise UserError(f"no finished prunetune search in {'experiment ' + repr(experiment) if experiment else 'the tracking store'}"
+                        "; run `prunetune search FILE` first")
+    return runs[0]
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import pandas as pd
+
+    from tuning.tracking import check_reachable, tracking_uri
+
+    client = check_reachable(tracking_uri(args.tracking_uri))
+    parent = _latest_search(client, args.experiment)
+    local = client.download_artifacts(parent.info.run_id, "pareto.csv", tempfile.mkdtemp(prefix="prunetune-"))
+    front = pd.read_csv(local)
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    run_of = {r.data.tags.get("prunetune.trial_id"): r.info.run_id for r in children}
+    front.insert(0, "run_id", front.trial_id.map(run_of))
+    cols = ["run_id", "trial_id", "lr", "method", "ratio", "int8", "accuracy", "test_accuracy", "latency_ms",
+            "latency_p90_ms", "size_mb", "sparsity", "nonzero_params", "macs"]
+    front = front[[c for c in cols if c in front.columns]]
+    print(f"Pareto front of search {parent.info.run_name} (parent run {parent.info.run_id}), {len(front)} points:")
+    with pd.option_context("display.width", 220, "display.max_columns", 20, "display.precision", 4):
+        print(front.drop(columns=["trial_id"]).to_string(index=False))
+    if args.json:
+        _print_json(json.loads(front.to_json(orient="records")))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainables import data
+    from tuning import models
+    from tuning.tracking import check_reachable, tracking_uri
+
+    uri = tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    point = models.resolve(uri, args.ref, args.method, args.ratio, True if args.int8 else None)
+    dense, spec = models.dense_from_run(uri, point.run_id)
+    splits = data.load(spec.data)
+    model = models.derive(dense, spec, point, splits)
+    print(f"exporting {point.method} ratio {point.ratio:g}{' + int8' if point.int8 else ''} of trial run "
+          f"{point.run_id} as {args.format} -> {args.output}", flush=True)
+    images = data.normalize(splits.test.x)
+    agreement = models.export(model, args.format, args.output, images)
+    print(f"top-1 agreement with the PyTorch model: {agreement:.2%} on {len(images)} held-out test images")
+    if agreement < 0.999:
+        print(f"prunetune export: error: agreement {agreement:.2%} is below 99.9%; {args.output} is kept for "
+              "inspection but should not be deployed", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------- ui
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import os
+    import shutil
+    import subprocess
+
+    from tuning.tracking import tracking_uri
+
+    uri = tracking_uri(args.tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"{uri} is a tracking server: its UI is at {uri}", flush=True)
+        return 0
+    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
+    if mlflow_bin is None:
+        raise UserError("the `mlflow` command is not installed in this environment; `pip install mlflow`")
+    url = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it)", flush=True)
+    cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    return subprocess.call(cmd)
 
 
 # ----------------------------------------------------------------------------- main
@@ -211,12 +302,36 @@ def _parser() -> argparse.ArgumentParser:
     se = sub.add_parser("search", help="Ray Tune + Optuna search over lr and prune ratio (train + sweep per trial)")
     with_file(se)
     se.add_argument("--address", help=address_help)
+    se.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     se.set_defaults(func=cmd_search)
 
     re_ = sub.add_parser("resume", help="continue an interrupted search from its directory")
     re_.add_argument("path", help="the experiment directory `prunetune search` printed")
     re_.add_argument("--address", help=address_help)
     re_.set_defaults(func=cmd_resume)
+
+    tracking_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    pa = sub.add_parser("pareto", help="print the Pareto front of the latest finished search from MLflow")
+    pa.add_argument("--experiment", help="MLflow experiment (the experiment file's name); default: any")
+    pa.add_argument("--json", action="store_true", help="print a JSON array of the front's points last")
+    pa.add_argument("--tracking-uri", help=tracking_help)
+    pa.set_defaults(func=cmd_pareto)
+
+    ex = sub.add_parser("export", help="write a deployable ONNX / TorchScript file of a trial's compressed model")
+    ex.add_argument("ref", help="a trial's MLflow run id, or models:/NAME@ALIAS (best-accuracy, fastest, knee)")
+    ex.add_argument("--method", help="default: the trial's (or the registered version's) method")
+    ex.add_argument("--ratio", type=float, help="any ratio in [0, 1), swept or not (re-derived)")
+    ex.add_argument("--int8", action="store_true", help="post-training INT8 on top (torchscript only)")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    ex.add_argument("-o", "--output", required=True, help="output file")
+    ex.add_argument("--tracking-uri", help=tracking_help)
+    ex.set_defaults(func=cmd_export)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store and print its URL")
+    ui.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
     return p
 
 
@@ -224,11 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from trainables.data import DataError
     from trainables.train import CheckpointError, DeviceError, Diverged
+    from tuning.models import ModelError
 
     try:
         return args.func(args)
     except (UserError, spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError,
-            ConnectionError, FileNotFoundError) as e:
+            ConnectionError, FileNotFoundError, ModelError) as e:
         print(f"prunetune {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ import optuna
 import pandas as pd
 from ray.tune.search.optuna import OptunaSearch
 
-from tuning import pareto
+from tuning import pareto, tracking
 from tuning.spec import Spec, from_dict
 
 SPEC_FILE = "prunetune_spec.json"
@@ -40,6 +40,7 @@ class SearchResult:
     trials: pd.DataFrame  # one row per trained trial
     points: pd.DataFrame  # one row per sweep point of every completed trial
     front: pd.DataFrame  # the Pareto-optimal points
+    hypervolume: float | None = None  # of the front, 2 objectives only (reference: see _collect)
 
 
 def optuna_space(spec: Spec) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def optuna_space(spec: Spec) -> dict[str, Any]:
     return space
 
 
-def _sampler(spec: Spec):
+def make_sampler(spec: Spec):
     q = spec.search
     if q.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=q.seed, population_size=max(4, min(50, q.num_samples // 2)))
@@ -72,6 +73,10 @@ class SweepFeedbackSearch(OptunaSearch):
         self.feedback = feedback
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and any(result.get(m) is None for m in self._metric):
+            # diverged or early-stopped: no objectives, so Optuna records it as pruned (Ray's
+            # OptunaSearch would try to tell [None, None] as COMPLETE and leave it RUNNING)
+            result = None
         super().on_trial_complete(trial_id, result, error)
         if self.feedback and result and result.get("sweep_json"):
             for params, values in sweep_evidence(result, self._space, self._metric):
@@ -86,7 +91,7 @@ def _make_searcher(spec: Spec, exp_dir: Path) -> SweepFeedbackSearch:
     storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / STUDY_FILE}")
     return SweepFeedbackSearch(
         space=optuna_space(spec), metric=[n for n, _ in objectives], mode=[m for _, m in objectives],
-        sampler=_sampler(spec), study_name=spec.name, storage=storage, feedback=spec.search.sweep_feedback,
+        sampler=make_sampler(spec), study_name=spec.name, storage=storage, feedback=spec.search.sweep_feedback,
     )
 
 
@@ -165,7 +170,7 @@ def _trainable(spec: Spec):
     return tune.with_resources(fn, {"cpu": q.cpus_per_trial, "gpu": q.gpus_per_trial})
 
 
-def _tuner_parts(spec: Spec, exp_dir: Path):
+def _tuner_parts(spec: Spec, exp_dir: Path, callbacks: list):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -184,7 +189,7 @@ def _tuner_parts(spec: Spec, exp_dir: Path):
     run_config = tune.RunConfig(
         name=exp_dir.name, storage_path=str(exp_dir.parent), progress_reporter=_reporter(spec), verbose=1,
         failure_config=tune.FailureConfig(max_failures=q.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks,
     )
     return param_space, tune_config, run_config
 
@@ -195,7 +200,7 @@ def _collect(spec: Spec, exp_dir: Path, results) -> SearchResult:
     for r in results:
         m = r.metrics or {}
         trial_id = m.get("trial_id", Path(r.path).name if r.path else "?")
-        status = "error" if r.error else m.get("phase", "unknown")
+        status = "error" if r.error else {"train": "stopped"}.get(m.get("phase"), m.get("phase", "unknown"))
         trials.append({"trial_id": trial_id, "lr": r.config.get("lr"), "prune_ratio": r.config.get("prune_ratio"),
                        "status": status, "epoch": m.get("epoch"), "val_accuracy": m.get("val_accuracy"),
                        **{k: m.get(k) for k in ("method", "int8", "node_id", "cuda_visible_devices",
@@ -210,10 +215,15 @@ def _collect(spec: Spec, exp_dir: Path, results) -> SearchResult:
     points_df = pd.concat(points, ignore_index=True) if points else pd.DataFrame()
     objectives = pareto.parse_objectives(spec.search.objectives)
     front_df = pareto.front(points_df, objectives) if len(points_df) else points_df
+    hv = None
+    if len(objectives) == 2 and len(points_df):
+        # reference point: 0 for a max objective (accuracy), 1.1 x the worst value seen for a min one
+        ref = [0.0 if mode == "max" else 1.1 * points_df[name].max() for name, mode in objectives]
+        hv = pareto.hypervolume_2d(points_df, objectives, ref)
     trials_df.to_csv(exp_dir / "trials.csv", index=False)
     points_df.to_csv(exp_dir / "all_points.csv", index=False)
     front_df.to_csv(exp_dir / "pareto.csv", index=False)
-    return SearchResult(exp_dir, trials_df, points_df, front_df)
+    return SearchResult(exp_dir, trials_df, points_df, front_df, hv)
 
 
 def print_summary(res: SearchResult, spec: Spec) -> None:
@@ -230,40 +240,63 @@ def print_summary(res: SearchResult, spec: Spec) -> None:
     print(f"results: {res.path} (trials.csv, all_points.csv, pareto.csv)")
 
 
-def _run(spec: Spec, exp_dir: Path, restore: bool) -> SearchResult:
+def _slots(spec: Spec) -> int:
+    """How many trials the connected cluster can run at once."""
+    import ray
+
+    q, total = spec.search, ray.cluster_resources()
+    slots = int(total.get("CPU", 1) // q.cpus_per_trial)
+    if q.gpus_per_trial:
+        slots = min(slots, int(total.get("GPU", 0) // q.gpus_per_trial))
+    return max(1, min(slots, q.max_concurrent_trials or slots))
+
+
+def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the narrowed CLIReporter table
     # per-epoch reports carry val_accuracy only; the objectives arrive with the final report
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     # one checkpoint kept per trial forces a state snapshot per epoch: expected, not a problem
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import ray
+    # with a searcher Tune keeps one trial pending at a time, so trials start one worker start-up
+    # after another; let as many wait as can run at once (more would be sampled blind)
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(_slots(spec))
     from ray import tune
 
     from trainables.trainable import LATENCY_CACHE, LatencyCache
 
     cache = LatencyCache.options(name=LATENCY_CACHE, get_if_exists=True).remote()  # noqa: F841 (lives with us)
     trainable = _trainable(spec)
-    param_space, tune_config, run_config = _tuner_parts(spec, exp_dir)
-    if restore:
+    if restore:  # the tracking callback comes back with the experiment and reconnects
+        tracking.MlflowTracking.latest = None
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tracker = tracking.MlflowTracking.latest
     else:
+        tracker = tracking.MlflowTracking(uri, spec.to_dict(), exp_dir)
+        param_space, tune_config, run_config = _tuner_parts(spec, exp_dir, [tracker])
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     results = tuner.fit()
     res = _collect(spec, exp_dir, results)
+    if tracker is not None:
+        tracker.finish(res, spec)
     del cache
     return res
 
 
-def search(spec: Spec, address: str | None = None) -> SearchResult:
+def search(spec: Spec, address: str | None = None, tracking_uri: str | None = None) -> SearchResult:
     """Run a new search; its directory is ``storage_path/<name>-<time>``."""
+    uri = tracking.tracking_uri(tracking_uri)
+    tracking.check_reachable(uri)  # before any training starts
     connect(address)
     exp_dir = Path(spec.search.storage_path) / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
-    print(f"search {spec.name}: {spec.search.num_samples} trials, sampler {spec.search.sampler}, objectives "
+    q = spec.search
+    trials = f"grid over lr {q.grid_lrs}" if q.sampler == "grid" else f"{q.num_samples} trials, sampler {q.sampler}"
+    print(f"search {spec.name}: {trials}, objectives "
           f"{', '.join(spec.search.objectives)}; experiment dir {exp_dir} "
           f"(resume with `prunetune resume {exp_dir}`)", flush=True)
-    return _run(spec, exp_dir, restore=False)
+    print(f"tracking: MLflow at {uri} (experiment {spec.name!r})", flush=True)
+    return _run(spec, exp_dir, uri, restore=False)
 
 
 def resume(path: str | Path, address: str | None = None) -> tuple[SearchResult, Spec]:
@@ -277,4 +310,4 @@ def resume(path: str | Path, address: str | None = None) -> tuple[SearchResult, 
     spec = from_dict(json.loads(spec_file.read_text()), source=str(spec_file))
     connect(address)
     print(f"resuming search {spec.name} from {exp_dir}", flush=True)
-    return _run(spec, exp_dir, restore=True), spec
+    return _run(spec, exp_dir, "", restore=True), spec

@@ -1,0 +1,205 @@
+"""Compressed models from a search: re-derive, register the Pareto front, export.
+
+A compressed model is never stored per sweep point. Each trial's MLflow run holds its dense
+checkpoint (artifact ``checkpoint/checkpoint.pt``); a point's model is re-derived from it with
+``(method, ratio, int8)`` deterministically (:func:`derive`). After a search the Pareto-optimal
+points are logged with MLflow's PyTorch flavour and registered under one registered model with
+the aliases ``best-accuracy``, ``fastest`` and ``knee``; ``prunetune export`` turns a run or a
+``models:/NAME@ALIAS`` into an ONNX or TorchScript file and checks it against PyTorch.
+"""
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from trainables import compress, data
+from trainables.train import load_checkpoint, model_from_checkpoint
+from tuning.spec import Spec, from_dict
+
+CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
+
+
+class ModelError(ValueError):
+    """A run, model alias or export request that cannot be served; says why."""
+
+
+@dataclass
+class Point:
+    run_id: str  # the trial's MLflow run (holds the dense checkpoint)
+    method: str
+    ratio: float
+    int8: bool
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def resolve(uri: str, ref: str, method: str | None, ratio: float | None, int8: bool | None) -> Point:
+    """``RUN_ID`` or ``models:/NAME@ALIAS`` (+ overrides) -> the point to derive."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    defaults: dict[str, Any]
+    try:
+        if ref.startswith("models:/"):
+            name, _, alias = ref.removeprefix("models:/").partition("@")
+            if not alias:
+                raise ModelError(f"{ref}: use models:/NAME@ALIAS (aliases: best-accuracy, fastest, knee)")
+            tags = client.get_model_version_by_alias(name, alias).tags
+            run_id = tags["trial_run_id"]
+            defaults = {"method": tags["method"], "ratio": float(tags["ratio"]), "int8": tags["int8"] == "True"}
+        else:
+            run = client.get_run(ref)
+            run_id, p = ref, run.data.params
+            defaults = {"method": p.get("method", "global_l1"), "ratio": float(p.get("prune_ratio", 0.0)),
+                        "int8": p.get("int8", "False") == "True"}
+    except MlflowException as e:
+        raise ModelError(f"{ref} not found in the tracking store {uri}: {str(e).splitlines()[0]}") from None
+    return Point(run_id, method or defaults["method"], defaults["ratio"] if ratio is None else ratio,
+                 defaults["int8"] if int8 is None else int8)
+
+
+def dense_from_run(uri: str, run_id: str) -> tuple[nn.Module, Spec]:
+    """Download the trial's dense checkpoint and rebuild the model and its experiment spec."""
+    client = _client(uri)
+    try:
+        local = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tempfile.mkdtemp(prefix="prunetune-"))
+    except Exception as e:
+        raise ModelError(f"run {run_id} has no {CHECKPOINT_ARTIFACT} artifact (is it a completed prunetune "
+                         f"trial run?): {str(e).splitlines()[0]}") from None
+    ckpt = load_checkpoint(local)
+    return model_from_checkpoint(ckpt).eval(), from_dict(ckpt["meta"]["spec"])
+
+
+def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | None = None) -> nn.Module:
+    """The deployable model of ``point``: prune -> bake masks in -> INT8 (calibrated on the same
+    training images as the sweep). Any ratio in [0, 1) works, swept or not."""
+    if point.method not in compress.METHODS:
+        raise ModelError(f"unknown method {point.method!r}; choose from {', '.join(compress.METHODS)}")
+    if not 0.0 <= point.ratio < 1.0:
+        raise ModelError(f"ratio {point.ratio} is outside [0, 1)")
+    model = compress.make_permanent(compress.prune(dense, point.method, point.ratio, seed=spec.sweep.seed)).eval()
+    if point.int8:
+        splits = splits or data.load(spec.data)
+        model = compress.quantize_int8(model, data.normalize(splits.train.x[: spec.sweep.calibration_size]))
+    return model
+
+
+def _predict(fn, x: torch.Tensor, batch: int = 256) -> np.ndarray:
+    return np.concatenate([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def export(model: nn.Module, fmt: str, out: str | Path, images: torch.Tensor) -> float:
+    """Write ``model`` as ONNX or TorchScript to ``out``, reload it with ONNX Runtime /
+    torch.jit and return top-1 agreement with the PyTorch model on ``images`` (normalised)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    example = images[:1]
+    with torch.inference_mode():
+        ref = _predict(lambda b: model(b).argmax(1).numpy(), images)
+    if fmt == "torchscript":
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated": still the format asked for
+            torch.jit.trace(model, example).save(str(out))
+            loaded = torch.jit.load(str(out)).eval()
+        with torch.inference_mode():
+            got = _predict(lambda b: loaded(b).argmax(1).numpy(), images)
+    elif fmt == "onnx":
+        if compress.is_quantized(model):
+            raise ModelError("INT8 models export as --format torchscript (torch's FX INT8 kernels have no "
+                             "ONNX equivalent here); use --format torchscript or drop --int8")
+        import onnxruntime as ort
+
+        torch.onnx.export(model, (example,), str(out), input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = _predict(lambda b: session.run(None, {"image": b.numpy()})[0].argmax(1), images)
+    else:
+        raise ModelError(f"unknown format {fmt!r}; use onnx or torchscript")
+    return float((ref == got).mean())
+
+
+ALIASES = ("best-accuracy", "fastest", "knee")
+MAX_REGISTERED = 6  # the three aliased points first, then the rest of the front in order
+
+
+def register_front(uri: str, parent_run_id: str, front, objectives, checkpoints: dict[str, str],
+                   trial_runs: dict[str, str], spec: Spec) -> dict[str, int]:
+    """Log the Pareto-optimal models on the parent run (PyTorch flavour, signature, input
+    example) and register them under ``spec.name`` with the three aliases. ``checkpoints`` maps
+    trial id -> local dense checkpoint file; returns alias -> version."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from tuning import pareto
+
+    front = front.drop_duplicates(["trial_id", "method", "ratio", "int8"])
+    (acc, acc_mode), (lat, lat_mode) = objectives[0], objectives[1]
+    picks = {
+        "best-accuracy": (front[acc].idxmax() if acc_mode == "max" else front[acc].idxmin()),
+        "fastest": (front[lat].idxmin() if lat_mode == "min" else front[lat].idxmax()),
+        "knee": pareto.knee(front, objectives),
+    }
+    order = list(dict.fromkeys([*picks.values(), *front.index]))[:MAX_REGISTERED]
+    splits = data.load(spec.data)
+    example = data.normalize(splits.test.x[:2])
+    client = _client(uri)
+    mlflow.set_tracking_uri(uri)
+    versions: dict[Any, int] = {}
+    with mlflow.start_run(run_id=parent_run_id):
+        for i, idx in enumerate(order):
+            row = front.loc[idx]
+            dense = model_from_checkpoint(load_checkpoint(checkpoints[row.trial_id])).eval()
+            point = Point(trial_runs.get(row.trial_id, ""), row.method, float(row.ratio), bool(row.int8))
+            model = derive(dense, spec, point, splits)
+            with torch.inference_mode():
+                signature = infer_signature(example.numpy(), model(example).numpy())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                info = mlflow.pytorch.log_model(model, name=f"pareto-{i}", signature=signature,
+                                                input_example=example.numpy(), registered_model_name=spec.name,
+                                                pip_requirements=["torch", "torchvision"], await_registration_for=60)
+            version = int(info.registered_model_version)
+            tags = {"method": row.method, "ratio": str(row.ratio), "int8": str(bool(row.int8)), "lr": str(row.lr),
+                    "trial_id": row.trial_id, "trial_run_id": point.run_id}
+            tags.update({k: str(row[k]) for k in ("accuracy", "test_accuracy", "latency_ms", "size_mb") if k in row})
+            for k, v in tags.items():
+                client.set_model_version_tag(spec.name, str(version), k, v)
+            versions[idx] = version
+    for alias, idx in picks.items():
+        client.set_registered_model_alias(spec.name, alias, str(versions[idx]))
+    return {alias: versions[idx] for alias, idx in picks.items()}
+
+
+def plot_front(points, front, objectives, out: str | Path) -> None:
+    """All points grey, the front highlighted and labelled with lr / method / ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (y, _), (x, _) = objectives[0], objectives[1]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.scatter(points[x], points[y], s=14, c="lightgrey", label="all sweep points")
+    f = front.sort_values(x)
+    ax.plot(f[x], f[y], "o-", c="tab:red", label="Pareto front")
+    for _, r in f.iterrows():
+        ax.annotate(f"lr {r.lr:.2g} {r.method} {r.ratio:.2f}{' int8' if r.int8 else ''}", (r[x], r[y]),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

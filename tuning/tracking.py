@@ -1,0 +1,227 @@
+"""MLflow tracking of a search, from the driver: a parent run per search, a child run per trial.
+
+Everything is logged by a Ray Tune :class:`~ray.tune.Callback` on the driver, so trials never
+talk to the tracking server (a worker node needs no route to it) and a resumed search finds
+its runs again by tag instead of creating duplicates:
+
+- parent run (tag ``prunetune.search_dir``): the experiment file and search settings as params,
+  package versions and git commit as tags; after the search ``trials.csv``, ``all_points.csv``
+  and ``pareto.csv`` as artifacts and the front's hypervolume as a metric;
+- child run per trial (tags ``mlflow.parentRunId`` so the UI nests it, ``prunetune.trial_id``):
+  the sampled config as params, ``val_accuracy``/``train_loss``/``images_per_second`` with
+  ``step = epoch``; when the trial completes, its objectives, its sweep as ``sweep.csv`` and as
+  metrics ``sweep_<metric>/<method>`` (accuracy, latency_ms, size_mb) with ``step = ratio x 100``
+  so the UI's charts draw accuracy-vs-ratio and latency-vs-ratio curves per trial; a diverged
+  trial is tagged ``prunetune.status = diverged`` and ends FAILED.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from ray.tune import Callback
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+_SWEEP_METRICS = ("accuracy", "latency_ms", "size_mb")
+
+
+class TrackingError(ConnectionError):
+    """The MLflow tracking store cannot be reached or used."""
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_reachable(uri: str):
+    """Return an MlflowClient for ``uri`` after one real request; fail fast and clearly."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # connection refused, bad scheme, unreadable database, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingError(
+            f"cannot use the MLflow tracking store {uri!r}: {first[:300]}. Start the server (e.g. "
+            "`mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`), "
+            "fix --tracking-uri / MLFLOW_TRACKING_URI, or leave both unset for sqlite:///mlflow.db"
+        ) from None
+    return client
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _flat(prefix: str, d: dict[str, Any]) -> dict[str, str]:
+    return {f"{prefix}.{k}": json.dumps(v) if isinstance(v, list) else str(v) for k, v in d.items()}
+
+
+def _never_stop_the_search(method):
+    """Tracking is a mirror: if the server goes away mid-search, warn and let training go on
+    (Ray keeps every result and checkpoint; the tables on disk stay complete)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:  # any client or server error
+            print(f"prunetune: warning: MLflow logging failed in {method.__name__} ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); the search goes on, results stay in "
+                  "the experiment directory", file=sys.stderr, flush=True)
+
+    return wrapper
+
+
+class MlflowTracking(Callback):
+    """Tune callback that mirrors a search into MLflow (see the module docstring)."""
+
+    latest: "MlflowTracking | None" = None  # the one made last (by a new search or a restore)
+
+    def __init__(self, uri: str, spec_dict: dict[str, Any], exp_dir: Path) -> None:
+        self.uri = uri
+        self.client = check_reachable(uri)
+        self.spec = spec_dict
+        self.exp_dir = str(Path(exp_dir).resolve())
+        name = spec_dict["name"]
+        exp = self.client.get_experiment_by_name(name)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.parent_id = self._find_or_create_parent()
+        self.runs: dict[str, str] = self._existing_children()
+        MlflowTracking.latest = self
+
+    # Tune pickles its callbacks with the experiment; a restored search reconnects and finds
+    # its parent and child runs again by tag (no duplicates).
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uri": self.uri, "spec_dict": self.spec, "exp_dir": self.exp_dir}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    # --------------------------------------------------------------- runs
+    def _find_or_create_parent(self) -> str:
+        found = self.client.search_runs([self.experiment_id], f"tags.`prunetune.search_dir` = '{self.exp_dir}'")
+        if found:
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=Path(self.exp_dir).name, tags={
+            "prunetune.search_dir": self.exp_dir, "prunetune.kind": "search", "git_commit": _git_commit(),
+            **{f"version.{p}": _version(p) for p in ("torch", "ray", "optuna", "mlflow", "torch-pruning")},
+        })
+        rid = run.info.run_id
+        params = {**_flat("search", self.spec["search"]), **_flat("sweep", self.spec["sweep"]),
+                  **_flat("train", self.spec["train"]), **_flat("data", self.spec["data"])}
+        from mlflow.entities import Param
+
+        self.client.log_batch(rid, params=[Param(k, v[:6000]) for k, v in params.items()])
+        self.client.log_text(rid, json.dumps(self.spec, indent=2), "experiment.json")
+        return rid
+
+    def _existing_children(self) -> dict[str, str]:
+        runs = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
+        return {r.data.tags["prunetune.trial_id"]: r.info.run_id for r in runs if "prunetune.trial_id" in r.data.tags}
+
+    def _child(self, trial) -> str:
+        if trial.trial_id not in self.runs:
+            run = self.client.create_run(self.experiment_id, run_name=trial.trial_id, tags={
+                "mlflow.parentRunId": self.parent_id, "prunetune.trial_id": trial.trial_id,
+                "prunetune.kind": "trial"})
+            for k, v in trial.config.items():
+                self.client.log_param(run.info.run_id, k, v)
+            self.runs[trial.trial_id] = run.info.run_id
+        return self.runs[trial.trial_id]
+
+    # --------------------------------------------------------------- Tune callback
+    @_never_stop_the_search
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._child(trial)
+
+    @_never_stop_the_search
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        from mlflow.entities import Metric
+
+        rid = self._child(trial)
+        ts = int(result.get("timestamp", 0) * 1000)
+        phase = result.get("phase")
+        if phase == "train":
+            step = int(result["epoch"])
+            keys = ("val_accuracy", "train_loss", "images_per_second")
+            self.client.log_batch(rid, metrics=[Metric(k, float(result[k]), ts, step) for k in keys if k in result])
+        elif phase == "diverged":
+            self.client.set_tag(rid, "prunetune.status", "diverged")
+            self.client.set_tag(rid, "prunetune.error", str(result.get("error", ""))[:5000])
+        elif phase == "done":
+            self.client.set_tag(rid, "prunetune.status", "done")
+            sweep = pd.read_json(io.StringIO(result["sweep_json"]), orient="records")
+            metrics = [Metric(k, float(result[k]), ts, 0) for k in ("accuracy", "test_accuracy", "latency_ms",
+                       "latency_p90_ms", "size_mb", "sparsity", "macs", "nonzero_params") if result.get(k) is not None]
+            for (method, int8), rows in sweep.groupby(["method", "int8"]):
+                suffix = f"{method}{'_int8' if int8 else ''}"
+                for _, row in rows.iterrows():
+                    step = int(round(row.ratio * 100))
+                    metrics += [Metric(f"sweep_{m}/{suffix}", float(row[m]), ts, step) for m in _SWEEP_METRICS]
+            for i in range(0, len(metrics), 900):  # MLflow's batch limit is 1000 metrics
+                self.client.log_batch(rid, metrics=metrics[i : i + 900])
+            self.client.log_text(rid, sweep.to_csv(index=False), "sweep.csv")
+
+    @_never_stop_the_search
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        rid = self._child(trial)
+        diverged = trial.last_result.get("phase") == "diverged"
+        ckpt = getattr(trial, "checkpoint", None)
+        if not diverged and ckpt is not None and (Path(ckpt.path) / "checkpoint.pt").is_file():
+            # the dense weights every compressed model of this trial is re-derived from
+            self.client.log_artifact(rid, str(Path(ckpt.path) / "checkpoint.pt"), "checkpoint")
+        self.client.set_terminated(rid, "FAILED" if diverged else "FINISHED")
+
+    @_never_stop_the_search
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        rid = self._child(trial)
+        self.client.set_tag(rid, "prunetune.status", "error")
+        self.client.set_terminated(rid, "FAILED")
+
+    # --------------------------------------------------------------- after the search
+    def finish(self, res, spec) -> None:
+        """After the search: tables, the front's plot and hypervolume, the registered models."""
+        from tuning import models, pareto
+
+        exp_dir = Path(res.path)
+        objectives = pareto.parse_objectives(spec.search.objectives)
+        if len(res.front) and len(objectives) == 2:
+            models.plot_front(res.points, res.front, objectives, exp_dir / "pareto.png")
+        for name in ("trials.csv", "all_points.csv", "pareto.csv", "pareto.png"):
+            if (exp_dir / name).is_file():
+                self.client.log_artifact(self.parent_id, str(exp_dir / name))
+        if res.hypervolume is not None:
+            self.client.log_metric(self.parent_id, "pareto_hypervolume", res.hypervolume)
+        if len(res.front) and len(objectives) == 2:
+            checkpoints = {r.trial_id: str(Path(r.checkpoint) / "checkpoint.pt")
+                           for r in res.trials.itertuples() if isinstance(r.checkpoint, str)}
+            aliases = models.register_front(self.uri, self.parent_id, res.front, objectives, checkpoints,
+                                            self.runs, spec)
+            print("registered model " + repr(spec.name) + ": " +
+                  ", ".join(f"{a} -> version {v}" for a, v in aliases.items()), flush=True)
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
