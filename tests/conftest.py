@@ -29,6 +29,17 @@ def write_cifar_fixture(root: Path, n_per_batch: int = 20, n_test: int = 30, see
     return first
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run on one thread: avoids OpenMP oversubscription when other jobs share the cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def tiny_spec_file(tmp_path: Path) -> Path:
     """An experiment file small enough to train in seconds on 2 CPU cores."""

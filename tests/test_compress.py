@@ -21,13 +21,7 @@ from trainables.model import cifar_resnet18
 UNSTRUCTURED = ("global_l1", "layer_l1", "global_random")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run on one thread: avoids OpenMP oversubscription when other jobs share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

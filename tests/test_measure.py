@@ -19,13 +19,7 @@ from trainables.measure import (
 from trainables.model import cifar_resnet18
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run on one thread: avoids OpenMP oversubscription when other jobs share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n: int, seed: int = 1) -> torch.Tensor:
