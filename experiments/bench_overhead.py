@@ -45,7 +45,7 @@ def main() -> None:
     standalone = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    res = search.search(spec)
+    res = search.search(spec, tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     wall = time.perf_counter() - t0
     trial_dir = Path(res.trials.trial_dir.iloc[0])
     reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
