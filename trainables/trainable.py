@@ -81,6 +81,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
     """Function trainable; ``splits`` and ``spec`` come once per search via ``tune.with_parameters``."""
     threads, device = _resources()
     torch.set_num_threads(threads)
+    splits = splits.to(device)  # once: training and the sweep both keep it on the device
     searched = {k: v for k, v in config.items() if k in spec["train"]}  # lr, and any other [train] key
     train_cfg = dataclasses.replace(TrainConfig(**spec["train"]), **searched, threads=threads, device=device.type)
     sweep_cfg = SweepConfig(**spec["sweep"])
@@ -110,7 +111,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
             model = model_from_checkpoint(resume).to(device)  # trained already; sweep only
             val_acc = resume["history"][-1]["val_accuracy"]
         else:
-            result = fit(splits.to(device), train_cfg, checkpoint_path=ckpt_path, resume=resume,
+            result = fit(splits, train_cfg, checkpoint_path=ckpt_path, resume=resume,
                          meta={"spec": {**spec, "train": dataclasses.asdict(train_cfg)}, "config": config}, on_epoch=report_epoch)
             model, val_acc = result.model, result.val_accuracy
     except Diverged as e:
@@ -122,7 +123,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
         cache: Any = _SharedCache(ray.get_actor(LATENCY_CACHE))
     except ValueError:
         cache = {}
-    df = run_sweep(model.eval(), splits.to(device), grid, train_cfg, latency_cache=cache, progress=False)
+    df = run_sweep(model.eval(), splits, grid, train_cfg, latency_cache=cache, progress=False)
 
     own = df[(df.method == method) & (df.ratio == ratio) & (df.int8 == int8)].iloc[0].to_dict()
     own.pop("method"), own.pop("ratio"), own.pop("int8")

@@ -105,15 +105,14 @@ def parse_ratios(text: str) -> list[float]:
 
 
 def _load_trained(path: str):
-    """Checkpoint -> (model, spec, splits on the device) for sweeps and exports."""
+    """Checkpoint -> (model, spec, splits on the device) for sweeps."""
     from trainables import data
-    from trainables.train import load_checkpoint, model_from_checkpoint, pick_device
+    from trainables.train import pick_device
+    from tuning.models import dense_from_checkpoint
 
-    ckpt = load_checkpoint(path)
-    spec = spec_mod.from_dict(ckpt["meta"]["spec"], source=f"{path} (its experiment)")
+    model, spec = dense_from_checkpoint(path)
     device = pick_device(spec.train.device)
-    splits = data.load(spec.data).to(device)
-    return model_from_checkpoint(ckpt).to(device).eval(), spec, splits
+    return model.to(device), spec, data.load(spec.data).to(device)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -77,8 +77,14 @@ def dense_from_run(uri: str, run_id: str) -> tuple[nn.Module, Spec]:
     except Exception as e:
         raise ModelError(f"run {run_id} has no {CHECKPOINT_ARTIFACT} artifact (is it a completed prunetune "
                          f"trial run?): {str(e).splitlines()[0]}") from None
-    ckpt = load_checkpoint(local)
-    return model_from_checkpoint(ckpt).eval(), from_dict(ckpt["meta"]["spec"])
+    return dense_from_checkpoint(local)
+
+
+def dense_from_checkpoint(path: str | Path) -> tuple[nn.Module, Spec]:
+    """A checkpoint written by training (``prunetune train`` or a trial) -> dense model and the
+    experiment spec it was trained with (so sweeps and exports use the same data splits)."""
+    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(ckpt).eval(), from_dict(ckpt["meta"]["spec"], source=f"{path} (its experiment)")
 
 
 def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | None = None) -> nn.Module:
