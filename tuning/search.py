@@ -182,8 +182,9 @@ def _tuner_parts(spec: Spec, exp_dir: Path, callbacks: list):
         param_space, searcher, num_samples = {}, _make_searcher(spec, exp_dir), q.num_samples
     scheduler = None
     if q.asha:
+        # max_t one past the last epoch: reaching max_t stops a trial, which must still sweep
         scheduler = ASHAScheduler(metric="val_accuracy", mode="max", time_attr="epoch",
-                                  max_t=spec.train.epochs, grace_period=1, reduction_factor=2)
+                                  max_t=spec.train.epochs + 1, grace_period=1, reduction_factor=2)
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                   max_concurrent_trials=q.max_concurrent_trials or None)
     run_config = tune.RunConfig(
