@@ -72,7 +72,7 @@ def test_study_holds_every_trial_and_sweep_point(gpu_search):
 def test_points_front_and_shared_latency(gpu_search):
     res, _ = gpu_search
     assert (res.path / "all_points.csv").is_file() and len(res.front) >= 1
-    pts = pd.read_csv(res.path / "all_points.csv")
+    pts = pd.read_csv(res.path / "all_points.csv", dtype={"trial_id": str})
     assert len(pts) == 4 * 6 and set(pts.method) == {"global_l1", "channel_l1"}
     # same architecture, same latency, in every trial (one shared measurement)
     assert (pts.groupby("arch").latency_ms.nunique() == 1).all(), pts.to_string()
@@ -122,7 +122,7 @@ def test_pareto_json_equals_front_of_all_points(gpu_search):
     r = cli("pareto", "--experiment", "tiny", "--json", uri=uri)
     assert r.returncode == 0, r.stderr
     got = pd.DataFrame(json.loads(r.stdout.strip().splitlines()[-1]))
-    pts = pd.read_csv(res.path / "all_points.csv")
+    pts = pd.read_csv(res.path / "all_points.csv", dtype={"trial_id": str})
     want = pareto.front(pts, [("accuracy", "max"), ("latency_ms", "min")])
     key = ["trial_id", "method", "ratio", "int8"]
     assert sorted(map(tuple, got[key].values.tolist())) == sorted(map(tuple, want[key].values.tolist()))
@@ -205,7 +205,7 @@ def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Pareto front" in r.stdout
-    trials = pd.read_csv(exp_dir / "trials.csv")
+    trials = pd.read_csv(exp_dir / "trials.csv", dtype={"trial_id": str})
     assert len(trials) == 4 and trials.trial_id.is_unique and (trials.status == "done").all()
     trained = [s for s in study_trials(exp_dir) if s.user_attrs.get("source") != "sweep"
                and s.state == optuna.trial.TrialState.COMPLETE]

@@ -206,7 +206,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     client = check_reachable(tracking_uri(args.tracking_uri))
     parent = _latest_search(client, args.experiment)
     local = client.download_artifacts(parent.info.run_id, "pareto.csv", tempfile.mkdtemp(prefix="prunetune-"))
-    front = pd.read_csv(local)
+    front = pd.read_csv(local, dtype={"trial_id": str})  # ids like "08088346" are not numbers
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     run_of = {r.data.tags.get("prunetune.trial_id"): r.info.run_id for r in children}
     front.insert(0, "run_id", front.trial_id.map(run_of))
