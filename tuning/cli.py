@@ -4,12 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from tuning import spec as spec_mod
+
+
+DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"  # the Ray head's dashboard / Jobs API
+SUBMITTED_ENV = "PRUNETUNE_SUBMITTED"  # set in a submitted job's environment
 
 
 class UserError(Exception):
@@ -163,6 +168,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     from tuning import search
 
     spec = spec_mod.load(args.file, args.set)
+    if os.environ.get(SUBMITTED_ENV):
+        # a Ray Job's working dir can be garbage-collected once the trials' workers exit (Ray issue
+        # #52343), and Tune needs a current directory at the end: leave it now the file is read
+        Path(spec.search.storage_path).mkdir(parents=True, exist_ok=True)
+        os.chdir(spec.search.storage_path)
     res = search.search(spec, address=args.address, tracking_uri=args.tracking_uri)
     search.print_summary(res, spec)
     return 0 if len(res.points) else 1
@@ -174,6 +184,56 @@ def cmd_resume(args: argparse.Namespace) -> int:
     res, spec = search.resume(args.path, address=args.address)
     search.print_summary(res, spec)
     return 0 if len(res.points) else 1
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit ``prunetune search FILE`` as a Ray Job: the driver runs on the head node, so the
+    search survives this machine going to sleep or losing its connection."""
+    import asyncio
+    import shlex
+    import shutil
+    import tempfile
+
+    spec_mod.load(args.file, args.set)  # fail here, not on the cluster, on a bad file
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise UserError("submit needs --tracking-uri (or MLFLOW_TRACKING_URI): an MLflow server the cluster can "
+                        "reach, e.g. http://mlflow:5000; a default sqlite file would stay inside the job's "
+                        "directory on the head node")
+    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_JOBS_ADDRESS
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as e:  # refused, not a Ray dashboard, bad token, ...
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot reach the Ray Jobs API at {address!r} ({first}). Start the head with "
+                        "`ray start --head --dashboard-host 0.0.0.0` (port 8265) or fix --address / "
+                        "RAY_API_SERVER_ADDRESS") from None
+    staging = Path(tempfile.mkdtemp(prefix="prunetune-submit-"))  # the job's working dir: the file only
+    shutil.copy(args.file, staging / Path(args.file).name)
+    entry = ["prunetune", "search", Path(args.file).name, "--tracking-uri", uri]
+    for override in args.set:
+        entry += ["--set", override]
+    env = {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", SUBMITTED_ENV: "1"}
+    env.update({k: os.environ[k] for k in ("PRUNETUNE_DEBUG", "PRUNETUNE_STORAGE_PATH") if k in os.environ})
+    job_id = client.submit_job(entrypoint=shlex.join(entry), runtime_env={"working_dir": str(staging), "env_vars": env})
+    shutil.rmtree(staging, ignore_errors=True)
+    print(f"submitted Ray job {job_id} to {address}: {shlex.join(entry)}", flush=True)
+    print(f"follow it:  ray job logs {job_id} --address {address} --follow\n"
+          f"status:     ray job status {job_id} --address {address}\n"
+          f"stop it:    ray job stop {job_id} --address {address}", flush=True)
+    if not args.follow:
+        return 0
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    print(f"Ray job {job_id}: {status.value}", flush=True)
+    return 0 if status == JobStatus.SUCCEEDED else 1
 
 
 # ----------------------------------------------------------------------------- pareto / export
@@ -248,7 +308,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import os
     import shutil
     import subprocess
 
@@ -309,6 +368,13 @@ def _parser() -> argparse.ArgumentParser:
     re_.add_argument("--address", help=address_help)
     re_.set_defaults(func=cmd_resume)
 
+    su = sub.add_parser("submit", help="run the search as a Ray Job on a cluster's head node")
+    with_file(su)
+    su.add_argument("--address", help=f"the head's Jobs API (default: $RAY_API_SERVER_ADDRESS, else {DEFAULT_JOBS_ADDRESS})")
+    su.add_argument("--tracking-uri", help="MLflow server the cluster reaches (default: $MLFLOW_TRACKING_URI; required)")
+    su.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 if it succeeded")
+    su.set_defaults(func=cmd_submit)
+
     tracking_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
     pa = sub.add_parser("pareto", help="print the Pareto front of the latest finished search from MLflow")
     pa.add_argument("--experiment", help="MLflow experiment (the experiment file's name); default: any")
@@ -344,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (UserError, spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError,
             ConnectionError, FileNotFoundError, ModelError) as e:
+        if os.environ.get("PRUNETUNE_DEBUG"):
+            raise
         print(f"prunetune {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
