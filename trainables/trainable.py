@@ -54,19 +54,30 @@ class LatencyCache:
 
 
 class _SharedCache:
-    """The mapping ``run_sweep`` expects, backed by the search's LatencyCache actor."""
+    """The mapping ``run_sweep`` expects, backed by the search's LatencyCache actor; if the
+    actor is gone (its node died), the trial keeps its own measurements rather than failing."""
 
     def __init__(self, actor: Any) -> None:
         self.actor = actor
+        self.local: dict[str, dict[str, Any]] = {}
+
+    def _call(self, method: str, *args: Any) -> Any:
+        if self.actor is not None:
+            try:
+                return ray.get(getattr(self.actor, method).remote(*args))
+            except ray.exceptions.RayActorError:
+                print("prunetune: the shared latency cache is gone; this trial measures on its own", flush=True)
+                self.actor = None
+        return self.local.get(args[0]) if method == "get" else self.local.setdefault(*args)
 
     def __contains__(self, key: str) -> bool:
         return self[key] is not None
 
     def __getitem__(self, key: str) -> dict[str, Any] | None:
-        return ray.get(self.actor.get.remote(key))
+        return self._call("get", key)
 
     def __setitem__(self, key: str, value: dict[str, Any]) -> None:
-        ray.get(self.actor.put.remote(key, value))
+        self._call("put", key, value)
 
 
 def _resources() -> tuple[int, torch.device]:

@@ -28,10 +28,11 @@ import pandas as pd
 from ray.tune.search.optuna import OptunaSearch
 
 from tuning import pareto, tracking
-from tuning.spec import Spec, from_dict
+from tuning.spec import Spec, SpecError, from_dict
 
 SPEC_FILE = "prunetune_spec.json"
 STUDY_FILE = "optuna.db"
+TRACKING_FILE = "tracking_uri"  # the MLflow store the search logs to (resume reconnects to it)
 
 
 @dataclass
@@ -129,7 +130,12 @@ def _reporter(spec: Spec):
 
 
 def _check_reachable(address: str) -> None:
-    """Fail in seconds, not minutes, when nothing listens at a host:port Ray address."""
+    """Fail in seconds, not minutes, on a Jobs API address or when nothing listens at a
+    host:port Ray address."""
+    if address.startswith(("http://", "https://")):
+        raise ConnectionError(
+            f"{address!r} is a Ray dashboard / Jobs address: submit the search there with `prunetune submit FILE "
+            f"--address {address}`, or attach this driver with --address ray://HOST:10001 (or HOST:6379 on a node)")
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
@@ -144,7 +150,8 @@ def _check_reachable(address: str) -> None:
 
 
 def connect(address: str | None = None) -> None:
-    """Attach to ``address`` (or ``$RAY_ADDRESS``), else start a local Ray; no-op if connected."""
+    """Attach to ``address`` (or ``$RAY_ADDRESS``): ``HOST:6379`` from a cluster node, or
+    ``ray://HOST:10001`` (Ray Client) from outside; else start a local Ray. No-op if connected."""
     import ray
 
     if ray.is_initialized():
@@ -152,7 +159,45 @@ def connect(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _check_reachable(address)
-    ray.init(address=address, include_dashboard=False)
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+
+
+def check_storage(storage_path: str) -> None:
+    """On a cluster of several nodes, trial checkpoints are written where the trial runs and
+    read back where it restarts: a ``storage_path`` that only this machine sees loses them.
+    Probe it before any training: write a marker and ask one task on every alive node whether
+    it sees it."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return
+    marker = Path(storage_path) / f".prunetune-probe-{uuid.uuid4().hex}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("prunetune")
+
+    @ray.remote(num_cpus=0)
+    def sees(path: str) -> bool:
+        return os.path.isfile(path)
+
+    try:
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(str(marker)) for n in nodes], timeout=120)
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise SpecError(
+            f"search.storage_path {storage_path} is not shared: {len(blind)} of {len(nodes)} nodes cannot see it "
+            f"({', '.join(blind)}), so a trial restarted on another node would lose its checkpoints. Mount a "
+            "shared filesystem (NFS, a shared volume) at the same path on every node and point at it: "
+            "--set search.storage_path=/shared/ray_results or PRUNETUNE_STORAGE_PATH")
+    print(f"storage: {storage_path} is shared by all {len(nodes)} nodes", flush=True)
 
 
 def _trainable(spec: Spec):
@@ -265,7 +310,9 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
 
     from trainables.trainable import LATENCY_CACHE, LatencyCache
 
-    cache = LatencyCache.options(name=LATENCY_CACHE, get_if_exists=True).remote()  # noqa: F841 (lives with us)
+    # on the head node: a lost worker node must not take the search's latency table with it
+    cache = LatencyCache.options(name=LATENCY_CACHE, get_if_exists=True,  # noqa: F841 (lives with us)
+                                 resources={"node:__internal_head__": 0.001}).remote()
     trainable = _trainable(spec)
     if restore:  # the tracking callback comes back with the experiment and reconnects
         tracking.MlflowTracking.latest = None
@@ -278,19 +325,23 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
     results = tuner.fit()
     res = _collect(spec, exp_dir, results)
     if tracker is not None:
-        tracker.finish(res, spec)
+        tracker.finish(res, spec, results)
     del cache
     return res
 
 
 def search(spec: Spec, address: str | None = None, tracking_uri: str | None = None) -> SearchResult:
     """Run a new search; its directory is ``storage_path/<name>-<time>``."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        _check_reachable(address or os.environ["RAY_ADDRESS"])  # before anything is created
     uri = tracking.tracking_uri(tracking_uri)
     tracking.check_reachable(uri)  # before any training starts
     connect(address)
+    check_storage(spec.search.storage_path)
     exp_dir = Path(spec.search.storage_path) / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+    (exp_dir / TRACKING_FILE).write_text(uri)
     q = spec.search
     trials = f"grid over lr {q.grid_lrs}" if q.sampler == "grid" else f"{q.num_samples} trials, sampler {q.sampler}"
     print(f"search {spec.name}: {trials}, objectives "
@@ -309,6 +360,9 @@ def resume(path: str | Path, address: str | None = None) -> tuple[SearchResult, 
         raise FileNotFoundError(f"{exp_dir} is not a prunetune search directory (no {SPEC_FILE}); "
                                 "pass the directory `prunetune search` printed")
     spec = from_dict(json.loads(spec_file.read_text()), source=str(spec_file))
+    if (exp_dir / TRACKING_FILE).is_file():  # the search's callback reconnects to this store
+        tracking.check_reachable((exp_dir / TRACKING_FILE).read_text().strip())
     connect(address)
+    check_storage(str(exp_dir.parent))
     print(f"resuming search {spec.name} from {exp_dir}", flush=True)
     return _run(spec, exp_dir, "", restore=True), spec

@@ -12,6 +12,7 @@ they get exactly the same checks; ``value`` is parsed as a TOML value (``0.1``, 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -50,7 +51,9 @@ class SearchConfig:
     gpus_per_trial: float = 0.0  # fractional: 0.25 -> four trials share a GPU
     max_concurrent_trials: int = 0  # 0 = as many as resources allow
     max_failures: int = 2  # retries of a trial whose worker died
-    storage_path: str = "ray_results"
+    # Ray results, checkpoints and the Optuna study; on a cluster of several machines a path
+    # every node sees (a shared filesystem). Default: $PRUNETUNE_STORAGE_PATH (the containers set it), else ./ray_results.
+    storage_path: str = field(default_factory=lambda: os.environ.get("PRUNETUNE_STORAGE_PATH") or "ray_results")
 
 
 @dataclass
@@ -148,6 +151,9 @@ def _validate_ranges(spec: Spec) -> None:
     need(q.num_samples >= 1, "[search] num_samples must be >= 1")
     need(0 < q.lr_min <= q.lr_max, f"[search] need 0 < lr_min <= lr_max, got {q.lr_min}, {q.lr_max}")
     need(0.0 <= q.ratio_min <= q.ratio_max < 1.0, "[search] need 0 <= ratio_min <= ratio_max < 1")
+    need("://" not in q.storage_path, f"[search] storage_path {q.storage_path!r}: object store URIs are not "
+         "supported (the Optuna study and tables live beside the results); use a filesystem path, on a cluster "
+         "one shared by every node (NFS, a shared volume)")
     need(q.cpus_per_trial > 0 and q.gpus_per_trial >= 0, "[search] cpus_per_trial must be > 0, gpus_per_trial >= 0")
     need(q.sampler != "grid" or bool(q.grid_lrs), "[search] sampler = 'grid' needs grid_lrs = [...]")
     need(bool(q.objectives), "[search] objectives must not be empty")
@@ -171,7 +177,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
     spec = Spec(source=source, **kwargs)
     for section, key in _PATH_KEYS:
         sec = getattr(spec, section)
-        if getattr(sec, key):
+        if getattr(sec, key) and "://" not in getattr(sec, key):  # URIs (s3://...) stay as they are
             setattr(sec, key, str(Path(getattr(sec, key)).expanduser().resolve()))
     _validate_ranges(spec)
     return spec

@@ -13,6 +13,12 @@ its runs again by tag instead of creating duplicates:
   metrics ``sweep_<metric>/<method>`` (accuracy, latency_ms, size_mb) with ``step = ratio x 100``
   so the UI's charts draw accuracy-vs-ratio and latency-vs-ratio curves per trial; a diverged
   trial is tagged ``prunetune.status = diverged`` and ends FAILED.
+
+If the tracking server goes away mid-search, logging warns and training goes on: Ray keeps
+every reported result in the experiment directory. After the search (and on ``prunetune
+resume``, which is how a search that ended while MLflow was down catches up) every trial whose
+child run is missing or unfinished is **back-filled** from those results (:meth:`backfill`),
+then the tables and models are logged. Nothing is retried in a loop; nothing is lost.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -73,18 +80,33 @@ def _flat(prefix: str, d: dict[str, Any]) -> dict[str, str]:
     return {f"{prefix}.{k}": json.dumps(v) if isinstance(v, list) else str(v) for k, v in d.items()}
 
 
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+
+
 def _never_stop_the_search(method):
-    """Tracking is a mirror: if the server goes away mid-search, warn and let training go on
-    (Ray keeps every result and checkpoint; the tables on disk stay complete)."""
+    """Tracking is a mirror: if the server goes away mid-search, warn (once per outage) and let
+    training go on; Ray keeps every result and checkpoint, and :meth:`MlflowTracking.backfill`
+    logs what was missed once the server answers again."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
-            return method(self, *args, **kwargs)
+            out = method(self, *args, **kwargs)
         except Exception as e:  # any client or server error
-            print(f"prunetune: warning: MLflow logging failed in {method.__name__} ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); the search goes on, results stay in "
-                  "the experiment directory", file=sys.stderr, flush=True)
+            trial = args[2] if len(args) > 2 else kwargs.get("trial")
+            if trial is not None:
+                self.missed.add(trial.trial_id)
+            if not self.failing:
+                print(f"prunetune: warning: MLflow logging failed in {method.__name__} ({_first_line(e)}); the "
+                      f"search goes on, results stay in {self.exp_dir} and are back-filled into MLflow after "
+                      "the search (further failures are not shown)", file=sys.stderr, flush=True)
+            self.failing = True
+            return None
+        if self.failing:
+            print("prunetune: MLflow answers again", file=sys.stderr, flush=True)
+            self.failing = False
+        return out
 
     return wrapper
 
@@ -104,6 +126,8 @@ class MlflowTracking(Callback):
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
         self.parent_id = self._find_or_create_parent()
         self.runs: dict[str, str] = self._existing_children()
+        self.failing = False  # inside an outage of the tracking server
+        self.missed: set[str] = set()  # trials with a result that did not reach MLflow
         MlflowTracking.latest = self
 
     # Tune pickles its callbacks with the experiment; a restored search reconnects and finds
@@ -197,8 +221,49 @@ class MlflowTracking(Callback):
         self.client.set_terminated(rid, "FAILED")
 
     # --------------------------------------------------------------- after the search
-    def finish(self, res, spec) -> None:
-        """After the search: tables, the front's plot and hypervolume, the registered models."""
+    def backfill(self, results) -> list[str]:
+        """Log every trial of ``results`` (a Tune ResultGrid) whose child run is missing, did
+        not end, or missed a result during an outage, from the results Ray persisted in the trial directory (``result.json``: every
+        report, in order). Returns the trial ids it logged."""
+        ended = {r.data.tags.get("prunetune.trial_id") for r in self.client.search_runs(
+            [self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
+            if r.info.status in ("FINISHED", "FAILED")}
+        done = []
+        for r in results:
+            reports = _reports(r.path)
+            if not reports or (reports[-1]["trial_id"] in ended and reports[-1]["trial_id"] not in self.missed):
+                continue
+            trial = SimpleNamespace(trial_id=reports[-1]["trial_id"], config=r.config, last_result=reports[-1],
+                                    checkpoint=r.checkpoint)
+            self._child(trial)
+            for report in reports:
+                MlflowTracking.on_trial_result.__wrapped__(self, None, None, trial, report)
+            if r.error:
+                MlflowTracking.on_trial_error.__wrapped__(self, None, None, trial)
+            else:
+                MlflowTracking.on_trial_complete.__wrapped__(self, None, None, trial)
+            self.missed.discard(trial.trial_id)
+            done.append(trial.trial_id)
+        return done
+
+    def finish(self, res, spec, results) -> bool:
+        """After the search: back-fill what an outage missed, then the tables, the front's plot
+        and hypervolume, the registered models. Warns and returns False if MLflow still fails:
+        the results stay on disk and ``prunetune resume`` logs them later."""
+        try:
+            filled = self.backfill(results)
+            if filled:
+                print(f"MLflow: back-filled {len(filled)} trial run(s) missed while the server was away: "
+                      f"{', '.join(filled)}", flush=True)
+            self._finish(res, spec)
+            return True
+        except Exception as e:
+            print(f"prunetune: warning: MLflow logging after the search failed ({_first_line(e)}); every result "
+                  f"is in {res.path}. When {self.uri} answers again, `prunetune resume {res.path}` logs the "
+                  "missing runs, the tables and the registered models", file=sys.stderr, flush=True)
+            return False
+
+    def _finish(self, res, spec) -> None:
         from tuning import models, pareto
 
         exp_dir = Path(res.path)
@@ -218,6 +283,14 @@ class MlflowTracking(Callback):
             print("registered model " + repr(spec.name) + ": " +
                   ", ".join(f"{a} -> version {v}" for a, v in aliases.items()), flush=True)
         self.client.set_terminated(self.parent_id, "FINISHED")
+
+
+def _reports(trial_dir: str | None) -> list[dict[str, Any]]:
+    """Every result a trial reported, in order, from Ray's ``result.json`` in its directory."""
+    f = Path(trial_dir or "") / "result.json"
+    if not trial_dir or not f.is_file():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
 def _version(package: str) -> str:
