@@ -1,0 +1,160 @@
+"""Real server processes for tests: an MLflow tracking server (SQLite backend) and a Ray
+cluster of several nodes on loopback (`ray start --head` + `ray start --address`). Each
+starts and stops its own processes."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BIN = Path(sys.executable).parent  # ray, mlflow, prunetune of this environment
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, what: str, timeout: float, log: Path | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    tail = log.read_text()[-3000:] if log and log.is_file() else ""
+    raise TimeoutError(f"{what} did not happen within {timeout:.0f}s\n{tail}")
+
+
+class MlflowServer:
+    """`mlflow server` on a free port with a SQLite backend store; stop() and start() again
+    keep the port and the database (a server outage)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "MlflowServer":
+        log = self.workdir / "mlflow-server.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.workdir}/server.db",
+             "--artifacts-destination", str(self.workdir / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--workers", "1"],
+            stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+
+        def healthy() -> bool:
+            try:
+                return urllib.request.urlopen(f"{self.url}/health", timeout=3).status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, "mlflow server start", 120, log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+class RayCluster:
+    """A Ray head (dashboard + Jobs API, token authentication) and extra nodes, all on this
+    machine, each node a separate raylet. Node loss is simulated for real: SIGKILL of a node's
+    raylet and every process under it (its workers, agents)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.jobs_address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {
+            **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            # notice a lost node in seconds (defaults take ~30 s)
+            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_initial_delay_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        self.nodes: dict[int, str] = {}  # node manager port -> node id
+
+    def _ray(self, *args: str) -> None:
+        log = self.workdir / "ray-start.log"
+        with open(log, "a") as f:
+            r = subprocess.run([str(BIN / "ray"), *args], env=self.env, stdout=f, stderr=subprocess.STDOUT,
+                               timeout=180)
+        if r.returncode:
+            raise RuntimeError(f"ray {' '.join(args)} failed:\n{log.read_text()[-3000:]}")
+
+    def start(self, head_cpus: int = 1) -> "RayCluster":
+        manager_port = free_port()
+        self._ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+                  "--num-cpus", str(head_cpus), "--num-gpus", "0", "--include-dashboard", "true",
+                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                  "--node-manager-port", str(manager_port))
+        self.nodes[manager_port] = self._node_id(manager_port)
+        return self
+
+    def add_node(self, cpus: int = 1) -> str:
+        manager_port = free_port()
+        self._ray("start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+                  "--num-gpus", "0", "--node-manager-port", str(manager_port))
+        self.nodes[manager_port] = self._node_id(manager_port)
+        return self.nodes[manager_port]
+
+    def _node_id(self, manager_port: int) -> str:
+        code = ("import json, ray; ray.init(address=%r, logging_level='ERROR'); "
+                "print(json.dumps([(n['NodeManagerPort'], n['NodeID']) for n in ray.nodes() if n['Alive']]))"
+                % self.address)
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
+        pairs = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+        return pairs[manager_port]
+
+    def kill_node(self, node_id: str) -> None:
+        (manager_port,) = [p for p, n in self.nodes.items() if n == node_id]
+        raylets = [int(d.name) for d in Path("/proc").glob("[0-9]*") if _is_raylet(d, manager_port)]
+        assert raylets, f"no raylet with node manager port {manager_port}"
+        victims = [p for r in raylets for p in _descendants(r)]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        del self.nodes[manager_port]
+
+    def stop(self) -> None:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+
+
+def _is_raylet(proc_dir: Path, manager_port: int) -> bool:
+    try:
+        cmd = (proc_dir / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return bool(cmd) and cmd[0].endswith(b"/raylet") and f"--node_manager_port={manager_port}".encode() in cmd

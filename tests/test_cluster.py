@@ -1,0 +1,187 @@
+"""The search on a real two-node Ray cluster on loopback (`ray start --head` with the dashboard
++ `ray start --address`), an `mlflow server` with a SQL backend, real processes killed:
+
+- `prunetune submit` runs a search as a Ray Job on the head, trials on both nodes;
+- a worker node killed mid-trial: the trial continues from its epoch checkpoint on the other
+  node, the search finishes every trial, MLflow has one child run per trial;
+- the MLflow server down during a search: training goes on, `prunetune resume` back-fills.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO
+from servers import MlflowServer, RayCluster, wait_for
+
+
+def write_spec(path: Path, storage: Path, num_samples: int, epochs: int, train_size: int = 60) -> Path:
+    path.write_text(f"""name = "{path.stem}"
+[data]
+train_size = {train_size}
+test_size = 30
+val_fraction = 0.25
+[train]
+epochs = {epochs}
+batch_size = 15
+optimizer = "adam"
+[sweep]
+methods = ["global_l1"]
+ratios = [0.0, 0.5]
+latency_runs = 3
+latency_warmup = 1
+eval_size = 20
+[search]
+num_samples = {num_samples}
+lr_min = 0.0005
+lr_max = 0.005
+cpus_per_trial = 1.0
+storage_path = "{storage}"
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cluster")
+    c = RayCluster(workdir)
+    try:
+        c.start(head_cpus=1)
+        c.add_node(cpus=1)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    yield server
+    server.stop()
+
+
+def prunetune(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tuning.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def mlflow_runs(uri: str, experiment: str) -> tuple[list, list]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return ([r for r in runs if r.data.tags.get("prunetune.kind") == "search"],
+            [r for r in runs if r.data.tags.get("prunetune.kind") == "trial"])
+
+
+def reports(trial_dir: Path) -> list[dict]:
+    f = trial_dir / "result.json"
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+
+
+def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, mlflow, tmp_path):
+    spec = write_spec(tmp_path / "submitted.toml", tmp_path / "rr", num_samples=2, epochs=1)
+    r = prunetune("submit", str(spec), "--address", cluster.jobs_address, "--tracking-uri", mlflow.url, "--follow",
+                  env=cluster.env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-5000:]
+    assert "submitted Ray job raysubmit_" in r.stdout and "ray job logs raysubmit_" in r.stdout
+    assert ": SUCCEEDED" in r.stdout and "Pareto front" in r.stdout, out[-5000:]
+    assert "is shared by all 2 nodes" in r.stdout  # the storage probe ran on the cluster
+    (exp_dir,) = (tmp_path / "rr").iterdir()
+    trials = pd.read_csv(exp_dir / "trials.csv", dtype={"trial_id": str})
+    assert len(trials) == 2 and (trials.status == "done").all()
+    assert set(trials.node_id) == set(cluster.nodes.values())  # one trial per node
+    parents, children = mlflow_runs(mlflow.url, "submitted")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert sorted(c.data.tags["prunetune.trial_id"] for c in children) == sorted(trials.trial_id)
+
+
+def test_lost_worker_node_trial_continues_from_its_checkpoint(cluster, mlflow, tmp_path):
+    head = next(iter(cluster.nodes.values()))
+    worker = cluster.nodes[list(cluster.nodes)[1]] if len(cluster.nodes) > 1 else cluster.add_node(cpus=1)
+    spec = write_spec(tmp_path / "nodeloss.toml", tmp_path / "rr", num_samples=3, epochs=4, train_size=240)
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "search", str(spec), "--address", cluster.address,
+                             "--tracking-uri", mlflow.url], cwd=REPO, env={**cluster.env, "PYTHONUNBUFFERED": "1"},
+                            stdout=open(tmp_path / "search.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        def on_worker_after_epoch_1():
+            for d in (tmp_path / "rr").glob("*/*/"):
+                rs = reports(d)
+                if any(x.get("node_id") == worker and x.get("epoch", 0) >= 1 and x.get("phase") == "train" for x in rs) \
+                        and not any(x.get("phase") == "done" for x in rs):
+                    return d
+            return None
+
+        victim = wait_for(on_worker_after_epoch_1, "a trial checkpointing on the worker node", 300,
+                          tmp_path / "search.log")
+        cluster.kill_node(worker)
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "search.log").read_text()
+    assert rc == 0, log[-5000:]
+    exp_dir = victim.parent
+    trials = pd.read_csv(exp_dir / "trials.csv", dtype={"trial_id": str})
+    assert len(trials) == 3 and (trials.status == "done").all(), trials.to_string()
+    nodes_used = {x["node_id"] for d in exp_dir.glob("*/") for x in reports(d)}
+    assert nodes_used == {head, worker}
+    # the interrupted trial: trained on the worker, finished on the head, never from epoch 0 again
+    rs = reports(victim)
+    train = [(x["epoch"], x["node_id"]) for x in rs if x.get("phase") == "train"]
+    before, after = [e for e, n in train if n == worker], [e for e, n in train if n == head]
+    assert rs[-1]["phase"] == "done" and rs[-1]["node_id"] == head, train
+    assert before and after and after[0] == before[-1] + 1, train
+    assert [e for e, _ in train] == sorted(set(e for e, _ in train)), train  # no epoch trained twice
+    parents, children = mlflow_runs(mlflow.url, "nodeloss")
+    assert len(parents) == 1 and len(children) == 3  # the restarted trial kept its run
+    assert sorted(c.data.tags["prunetune.trial_id"] for c in children) == sorted(trials.trial_id)
+    assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_mlflow_outage_mid_search_is_backfilled_on_resume(cluster, tmp_path):
+    server = MlflowServer(tmp_path).start()
+    spec = write_spec(tmp_path / "outage.toml", tmp_path / "rr", num_samples=2, epochs=2)
+    env = {**cluster.env, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "search", str(spec), "--address", cluster.address,
+                             "--tracking-uri", server.url], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(reports(d) for d in (tmp_path / "rr").glob("*/*/")), "a first trial result", 300)
+        server.stop()  # the tracking server goes away mid-search
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]  # training went on
+    assert "MLflow logging failed" in err and "prunetune resume" in err
+    assert err.count("MLflow logging failed in") == 1  # one warning per outage, not one per result
+    (exp_dir,) = (tmp_path / "rr").iterdir()
+    assert len(pd.read_csv(exp_dir / "trials.csv")) == 2
+
+    server.start()  # back, same port and database
+    try:
+        r = prunetune("resume", str(exp_dir), "--address", cluster.address, env=env)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "back-filled 2 trial run(s)" in r.stdout
+        from mlflow import MlflowClient
+
+        parents, children = mlflow_runs(server.url, "outage")
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+        client = MlflowClient(server.url)
+        for c in children:
+            assert c.data.tags["prunetune.status"] == "done" and "accuracy" in c.data.metrics
+            assert sorted(m.step for m in client.get_metric_history(c.info.run_id, "val_accuracy")) == [1, 2]
+            assert "sweep.csv" in {a.path for a in client.list_artifacts(c.info.run_id)}
+        assert client.get_model_version_by_alias("outage", "knee").tags["trial_run_id"] in {
+            c.info.run_id for c in children}
+    finally:
+        server.stop()
