@@ -1,0 +1,172 @@
+"""docker/: no Docker engine runs here, so check that the compose file, the cluster launcher
+config and the Dockerfile agree with the package: the commands they run exist with the flags
+they pass, ports and environment variables are the ones the CLI uses, volumes and
+credentials line up, and README's cluster section names what is there."""
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+from tuning import cli
+
+DOCKER = REPO / "docker"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def cluster_yaml() -> dict:
+    return yaml.safe_load((DOCKER / "ray-cluster.yaml").read_text())
+
+
+@lru_cache
+def help_flags(*command: str) -> set[str]:
+    out = subprocess.run([str(BIN / command[0]), *command[1:], "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return set(re.findall(r"(--[a-z][a-z0-9-]*)", out.stdout))
+
+
+def flags(argv: list[str]) -> dict[str, str | None]:
+    """``--key value`` / ``--key=value`` / ``--switch`` -> {"--key": "value", "--switch": None}."""
+    out, i = {}, 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--"):
+            key, eq, value = a.partition("=")
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            out[key] = value if (eq or value) else None
+        i += 1
+    return out
+
+
+def check_command(argv: list[str]) -> dict[str, str | None]:
+    """The program is installed by the package and knows every flag passed to it."""
+    if argv[0] == "ray":
+        assert argv[1] == "start", argv
+        known = help_flags("ray", "start")
+    elif argv[0] == "mlflow":
+        assert argv[1] == "server", argv
+        known = help_flags("mlflow", "server")
+    else:
+        raise AssertionError(f"unexpected program {argv[0]!r}")
+    f = flags(argv[2:])
+    assert set(f) <= known, f"unknown flags for {argv[:2]}: {set(f) - known}"
+    return f
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def test_compose_services_and_commands(compose):
+    services = compose["services"]
+    assert {"ray-head", "ray-worker", "mlflow", "postgres"} <= set(services)
+    head = check_command(shlex.split(services["ray-head"]["command"]))
+    worker = check_command(shlex.split(services["ray-worker"]["command"]))
+    server = check_command(shlex.split(services["mlflow"]["command"]))
+    assert "--head" in head and "--block" in head and "--block" in worker
+    # workers join the head service at the head's GCS port
+    assert worker["--address"] == f"ray-head:{head['--port']}"
+    # the Jobs API port is the one `prunetune submit` defaults to; Ray Client's is the one README uses
+    assert int(head["--dashboard-port"]) == port_of(cli.DEFAULT_JOBS_ADDRESS)
+    assert head["--dashboard-host"] == "0.0.0.0"
+    published = {p.split(":")[0] for s in services.values() for p in s.get("ports", [])}
+    assert {head["--dashboard-port"], head["--ray-client-server-port"], server["--port"]} <= published
+    # MLflow: the port the other services use and `prunetune ui` defaults to; reachable by service name
+    env = services["ray-head"]["environment"]
+    assert port_of(env["MLFLOW_TRACKING_URI"]) == int(server["--port"]) == cli._parser().parse_args(["ui"]).port
+    assert env["MLFLOW_TRACKING_URI"].startswith("http://mlflow:")
+    assert "mlflow:5000" in server["--allowed-hosts"].split(",")
+
+
+def test_compose_postgres_backend_and_healthchecks(compose):
+    services = compose["services"]
+    server = flags(shlex.split(services["mlflow"]["command"])[2:])
+    m = re.fullmatch(r"postgresql://(\w+):(\w+)@postgres:5432/(\w+)", server["--backend-store-uri"])
+    assert m, server["--backend-store-uri"]
+    pg = services["postgres"]["environment"]
+    assert m.groups() == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    # artifacts on a volume of their own, where --artifacts-destination points
+    assert any(v.endswith(":" + server["--artifacts-destination"]) for v in services["mlflow"]["volumes"])
+    # the image serving MLflow can talk to PostgreSQL
+    assert re.search(r"^psycopg2-binary==", (DOCKER / "requirements.txt").read_text(), re.M)
+
+
+def test_compose_shared_storage_gpus_and_auth(compose):
+    services = compose["services"]
+    head, worker = services["ray-head"], services["ray-worker"]
+    storage = head["environment"]["PRUNETUNE_STORAGE_PATH"]
+    assert worker["environment"]["PRUNETUNE_STORAGE_PATH"] == storage
+    # the same named volume at storage_path on the head and on every worker
+    mounts = [{v for v in s["volumes"] if v.endswith(":" + storage)} for s in (head, worker)]
+    assert mounts[0] and mounts[0] == mounts[1] and mounts[0].pop().split(":")[0] in compose["volumes"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    for s in (head, worker):
+        assert s["environment"]["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" in s["environment"]
+    # the environment variables are the ones the package reads
+    source = "".join(p.read_text() for p in (REPO / "tuning").glob("*.py"))
+    for name in ("MLFLOW_TRACKING_URI", "PRUNETUNE_STORAGE_PATH", "RAY_ADDRESS"):
+        assert f'"{name}"' in source, name
+
+
+def test_cluster_launcher_matches_compose(compose, cluster_yaml):
+    head_c = flags(shlex.split(compose["services"]["ray-head"]["command"])[2:])
+    head = [c for c in cluster_yaml["head_start_ray_commands"] if c.startswith("ray start")]
+    worker = [c for c in cluster_yaml["worker_start_ray_commands"] if c.startswith("ray start")]
+    h, w = check_command(shlex.split(head[0])), check_command(shlex.split(worker[0]))
+    for key in ("--port", "--dashboard-port", "--ray-client-server-port"):
+        assert h[key] == head_c[key], key
+    assert w["--address"] == f"$RAY_HEAD_IP:{h['--port']}"
+    assert cluster_yaml["docker"]["image"] == compose["services"]["ray-head"]["image"]
+    opts = " ".join(cluster_yaml["docker"]["run_options"])
+    storage = compose["services"]["ray-head"]["environment"]["PRUNETUNE_STORAGE_PATH"]
+    assert f":{storage}" in opts and f"PRUNETUNE_STORAGE_PATH={storage}" in opts and "--gpus all" in opts
+    assert "RAY_AUTH_MODE=token" in opts
+
+
+def test_dockerfile_pins_and_user():
+    text = (DOCKER / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    upper = {re.match(r"[\w-]+", d).group(): re.search(r"<=([\d.]+)", d) for d in deps}
+    assert args["TORCH_VERSION"] == upper["torch"].group(1)
+    assert args["TORCHVISION_VERSION"] == upper["torchvision"].group(1)
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert "pip install -r /tmp/requirements.txt" in text and "pip install --no-deps /opt/prunetune" in text
+    # every runtime dependency is pinned in the image (torch and torchvision come from ARGs)
+    pinned = {re.split(r"==", line)[0].lower().replace("_", "-")
+              for line in (DOCKER / "requirements.txt").read_text().splitlines() if "==" in line}
+    for dep in deps:
+        name = re.match(r"[\w-]+", dep).group().lower().replace("_", "-")
+        assert name in pinned or name in ("torch", "torchvision"), dep
+    # the package's import packages are copied into the image
+    for pkg in ("trainables", "tuning"):
+        assert f"COPY {pkg} " in text
+
+
+def test_readme_cluster_section_matches_the_files(compose):
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
+    for f in re.findall(r"docker/[\w.-]+", section):
+        assert (REPO / f).is_file(), f
+    assert "docker compose -f docker/compose.yaml up" in section
+    for service in re.findall(r"--scale ([\w-]+)=", section):
+        assert service in compose["services"]
+    assert f"prunetune submit" in section and cli.DEFAULT_JOBS_ADDRESS.rsplit(":", 1)[1] in section
+    assert "ray://" in section and compose["services"]["ray-head"]["command"].split("--ray-client-server-port")[1].split()[0] in section
