@@ -244,24 +244,45 @@ def test_resume_of_a_non_search_dir(tmp_path):
     assert r.returncode == 2 and "not a prunetune search directory" in r.stderr
 
 
-def test_diverging_trials_end_as_diverged_and_the_search_goes_on(tmp_path):
+def test_diverging_trial_ends_as_diverged_and_the_search_goes_on(tmp_path):
     import ray
 
-    d = tiny_spec(tmp_path, num_samples=2, lr_min=1e12, lr_max=1e13, cpus_per_trial=1.0)
+    # a grid over one sane lr and one that blows up: both trials run, one diverges
+    d = tiny_spec(tmp_path, sampler="grid", grid_lrs=[0.002, 1e12], cpus_per_trial=1.0)
     d["train"].update(optimizer="sgd", schedule="constant", batch_size=10)  # several steps per epoch
+    d["sweep"]["methods"] = ["global_l1"]
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         res = search.search(from_dict(d), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     finally:
         ray.shutdown()
-    assert list(res.trials.status) == ["diverged", "diverged"]
+    t = res.trials.set_index("lr")
+    assert t.loc[1e12, "status"] == "diverged" and t.loc[0.002, "status"] == "done", res.trials.to_string()
+    assert "diverged at epoch 1" in t.loc[1e12, "error"]
+    nan_trial, good_trial = t.loc[1e12, "trial_id"], t.loc[0.002, "trial_id"]
+    # the front and every point come from the good trial only
+    assert len(res.front) >= 1 and set(res.front.trial_id) == {good_trial} == set(res.points.trial_id)
+    assert nan_trial not in set(pd.read_csv(res.path / "pareto.csv", dtype={"trial_id": str}).trial_id)
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    children = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-                if r.data.tags.get("prunetune.kind") == "trial"]
-    assert [(r.info.status, r.data.tags["prunetune.status"]) for r in children] == [("FAILED", "diverged")] * 2
-    assert res.trials.error.str.contains("diverged at epoch 1").all()
-    assert len(res.points) == 0 and len(res.front) == 0
-    states = {s.state for s in study_trials(res.path)}
-    assert states == {optuna.trial.TrialState.PRUNED}  # told, not failed, not lost
+    children = {r.data.tags["prunetune.trial_id"]: r for r in client.search_runs(
+        [client.get_experiment_by_name("tiny").experiment_id]) if r.data.tags.get("prunetune.kind") == "trial"}
+    assert (children[nan_trial].info.status, children[nan_trial].data.tags["prunetune.status"]) == ("FAILED", "diverged")
+    assert (children[good_trial].info.status, children[good_trial].data.tags["prunetune.status"]) == ("FINISHED", "done")
+    parent = [r for r in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+              if r.data.tags.get("prunetune.kind") == "search"][0]
+    front = pd.read_csv(client.download_artifacts(parent.info.run_id, "pareto.csv", str(tmp_path)), dtype={"trial_id": str})
+    assert set(front.trial_id) == {good_trial}
+
+
+def test_searcher_tells_optuna_a_trial_without_objectives_as_pruned(tmp_path):
+    exp_dir = tmp_path / "exp"
+    exp_dir.mkdir()
+    searcher = search._make_searcher(from_dict(tiny_spec(tmp_path)), exp_dir)
+    config = searcher.suggest("t1")
+    assert {"lr", "prune_ratio"} <= set(config)
+    # what a diverged trial reports last: no accuracy, no latency
+    searcher.on_trial_complete("t1", {"phase": "diverged", "epoch": 1, "lr": config["lr"]})
+    (trial,) = study_trials(exp_dir)
+    assert trial.state == optuna.trial.TrialState.PRUNED
