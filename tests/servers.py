@@ -121,10 +121,20 @@ class RayCluster:
         self.nodes[manager_port] = self._node_id(manager_port)
         return self
 
-    def add_node(self, cpus: int = 1) -> str:
+    def add_node(self, cpus: int = 1, private_dir: Path | None = None) -> str:
+        """Start one more node; with ``private_dir``, the node runs in its own mount namespace
+        with an empty tmpfs over that directory: a machine that does not share it."""
         manager_port = free_port()
-        self._ray("start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
-                  "--num-gpus", "0", "--node-manager-port", str(manager_port))
+        args = ["start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
+                "--num-gpus", "0", "--node-manager-port", str(manager_port)]
+        if private_dir is None:
+            self._ray(*args)
+        else:
+            script = f"mount -t tmpfs none {private_dir} && exec {BIN / 'ray'} {' '.join(args)}"
+            r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=self.env,
+                               capture_output=True, text=True, timeout=180)
+            if r.returncode:
+                raise RuntimeError(f"node in a private mount namespace did not start: {r.stderr[-2000:]}")
         self.nodes[manager_port] = self._node_id(manager_port)
         return self.nodes[manager_port]
 

@@ -7,10 +7,9 @@
 - the MLflow server down during a search: training goes on, `prunetune resume` back-fills.
 """
 import json
-import os
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -105,7 +104,7 @@ def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, mlflow, tmp_
 def test_lost_worker_node_trial_continues_from_its_checkpoint(cluster, mlflow, tmp_path):
     head = next(iter(cluster.nodes.values()))
     worker = cluster.nodes[list(cluster.nodes)[1]] if len(cluster.nodes) > 1 else cluster.add_node(cpus=1)
-    spec = write_spec(tmp_path / "nodeloss.toml", tmp_path / "rr", num_samples=3, epochs=4, train_size=240)
+    spec = write_spec(tmp_path / "nodeloss.toml", tmp_path / "rr", num_samples=2, epochs=3, train_size=120)
     proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "search", str(spec), "--address", cluster.address,
                              "--tracking-uri", mlflow.url], cwd=REPO, env={**cluster.env, "PYTHONUNBUFFERED": "1"},
                             stdout=open(tmp_path / "search.log", "w"), stderr=subprocess.STDOUT)
@@ -129,7 +128,7 @@ def test_lost_worker_node_trial_continues_from_its_checkpoint(cluster, mlflow, t
     assert rc == 0, log[-5000:]
     exp_dir = victim.parent
     trials = pd.read_csv(exp_dir / "trials.csv", dtype={"trial_id": str})
-    assert len(trials) == 3 and (trials.status == "done").all(), trials.to_string()
+    assert len(trials) == 2 and (trials.status == "done").all(), trials.to_string()
     nodes_used = {x["node_id"] for d in exp_dir.glob("*/") for x in reports(d)}
     assert nodes_used == {head, worker}
     # the interrupted trial: trained on the worker, finished on the head, never from epoch 0 again
@@ -140,7 +139,7 @@ def test_lost_worker_node_trial_continues_from_its_checkpoint(cluster, mlflow, t
     assert before and after and after[0] == before[-1] + 1, train
     assert [e for e, _ in train] == sorted(set(e for e, _ in train)), train  # no epoch trained twice
     parents, children = mlflow_runs(mlflow.url, "nodeloss")
-    assert len(parents) == 1 and len(children) == 3  # the restarted trial kept its run
+    assert len(parents) == 1 and len(children) == 2  # the restarted trial kept its run
     assert sorted(c.data.tags["prunetune.trial_id"] for c in children) == sorted(trials.trial_id)
     assert all(c.info.status == "FINISHED" for c in children)
 
@@ -185,3 +184,24 @@ def test_mlflow_outage_mid_search_is_backfilled_on_resume(cluster, tmp_path):
             c.info.run_id for c in children}
     finally:
         server.stop()
+
+
+def test_storage_path_one_node_cannot_see_is_refused_before_training(cluster, mlflow, tmp_path):
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to give a node its own view of the filesystem")
+    storage = tmp_path / "rr"
+    storage.mkdir()
+    try:
+        blind = cluster.add_node(cpus=1, private_dir=storage)  # this node sees an empty tmpfs there
+    except RuntimeError as e:
+        pytest.skip(f"cannot create a mount namespace here: {e}")
+    try:
+        spec = write_spec(tmp_path / "blind.toml", storage, num_samples=1, epochs=1)
+        r = prunetune("search", str(spec), "--address", cluster.address, "--tracking-uri", mlflow.url,
+                      env=cluster.env, timeout=300)
+        assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+        assert f"search.storage_path {storage} is not shared: 1 of" in r.stderr and blind[:8] in r.stderr
+        assert "--set search.storage_path=" in r.stderr  # names the fix
+        assert list(storage.iterdir()) == []  # nothing started, no marker left behind
+    finally:
+        cluster.kill_node(blind)

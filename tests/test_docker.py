@@ -168,5 +168,5 @@ def test_readme_cluster_section_matches_the_files(compose):
     assert "docker compose -f docker/compose.yaml up" in section
     for service in re.findall(r"--scale ([\w-]+)=", section):
         assert service in compose["services"]
-    assert f"prunetune submit" in section and cli.DEFAULT_JOBS_ADDRESS.rsplit(":", 1)[1] in section
+    assert "prunetune submit" in section and cli.DEFAULT_JOBS_ADDRESS.rsplit(":", 1)[1] in section
     assert "ray://" in section and compose["services"]["ray-head"]["command"].split("--ray-client-server-port")[1].split()[0] in section

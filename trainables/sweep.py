@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, MutableMapping
 
 import pandas as pd
-import torch
 import torch.nn as nn
 
 from trainables import compress, measure

@@ -19,6 +19,7 @@ as pruned); the search goes on. The trial uses exactly the CPUs (threads) and GP
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 import time
@@ -90,6 +91,8 @@ def _resources() -> tuple[int, torch.device]:
 
 def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]) -> None:
     """Function trainable; ``splits`` and ``spec`` come once per search via ``tune.with_parameters``."""
+    # one "Checkpoint successfully created" line per epoch per trial drowns the progress table
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     threads, device = _resources()
     torch.set_num_threads(threads)
     splits = splits.to(device)  # once: training and the sweep both keep it on the device

@@ -201,7 +201,6 @@ def check_storage(storage_path: str) -> None:
 
 
 def _trainable(spec: Spec):
-    import ray
     from ray import tune
 
     from trainables import data
