@@ -180,3 +180,21 @@ def test_ui_serves_the_tracking_store(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_submit_and_search_address_errors(tiny_spec_file):
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_API_SERVER_ADDRESS")}
+    r = subprocess.run([sys.executable, "-m", "tuning.cli", "submit", str(tiny_spec_file)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "submit needs --tracking-uri" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "tuning.cli", "submit", str(tiny_spec_file), "--address",
+                        "http://127.0.0.1:1", "--tracking-uri", "http://mlflow:5000"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "cannot reach the Ray Jobs API at 'http://127.0.0.1:1'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "tuning.cli", "submit", str(tiny_spec_file), "--set", "train.lr=-1",
+                        "--tracking-uri", "http://mlflow:5000"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "lr must be > 0" in r.stderr  # checked here, before anything is submitted
+    r = subprocess.run([sys.executable, "-m", "tuning.cli", "search", str(tiny_spec_file), "--address",
+                        "http://127.0.0.1:8265"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "prunetune submit FILE --address http://127.0.0.1:8265" in r.stderr

@@ -88,3 +88,15 @@ def test_missing_file_and_bad_toml(tmp_path):
 def test_round_trip(tmp_path):
     spec = spec_mod.load(write(tmp_path, "[train]\nlr = 0.3\n"))
     assert spec_mod.from_dict(spec.to_dict()).to_dict() == spec.to_dict()
+
+
+def test_storage_path_default_from_env_and_uris_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNETUNE_STORAGE_PATH", str(tmp_path / "shared"))
+    assert spec_mod.from_dict({}).search.storage_path == str(tmp_path / "shared")
+    # a file that sets it wins over the environment
+    assert spec_mod.from_dict({"search": {"storage_path": str(tmp_path / "mine")}}).search.storage_path == str(
+        tmp_path / "mine")
+    monkeypatch.delenv("PRUNETUNE_STORAGE_PATH")
+    assert spec_mod.from_dict({}).search.storage_path == str(Path("ray_results").resolve())
+    with pytest.raises(SpecError, match="storage_path 's3://bucket/x': object store URIs are not supported"):
+        spec_mod.from_dict({"search": {"storage_path": "s3://bucket/x"}})
