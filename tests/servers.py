@@ -91,9 +91,10 @@ class RayCluster:
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.port, self.dashboard_port = free_port(), free_port()
+        self.port, self.dashboard_port, self.client_port = free_port(), free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.jobs_address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.client_address = f"ray://127.0.0.1:{self.client_port}"
         self.env = {
             **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
@@ -117,6 +118,7 @@ class RayCluster:
         self._ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                   "--num-cpus", str(head_cpus), "--num-gpus", "0", "--include-dashboard", "true",
                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+                  "--ray-client-server-port", str(self.client_port),
                   "--node-manager-port", str(manager_port))
         self.nodes[manager_port] = self._node_id(manager_port)
         return self

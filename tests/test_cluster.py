@@ -2,6 +2,7 @@
 + `ray start --address`), an `mlflow server` with a SQL backend, real processes killed:
 
 - `prunetune submit` runs a search as a Ray Job on the head, trials on both nodes;
+- `prunetune search --address ray://...` attaches a driver through Ray Client;
 - a worker node killed mid-trial: the trial continues from its epoch checkpoint on the other
   node, the search finishes every trial, MLflow has one child run per trial;
 - the MLflow server down during a search: training goes on, `prunetune resume` back-fills.
@@ -19,7 +20,8 @@ from conftest import REPO
 from servers import MlflowServer, RayCluster, wait_for
 
 
-def write_spec(path: Path, storage: Path, num_samples: int, epochs: int, train_size: int = 60) -> Path:
+def write_spec(path: Path, storage: Path, num_samples: int, epochs: int, train_size: int = 60,
+               register_models: int = 0) -> Path:
     path.write_text(f"""name = "{path.stem}"
 [data]
 train_size = {train_size}
@@ -41,6 +43,7 @@ lr_min = 0.0005
 lr_max = 0.005
 cpus_per_trial = 1.0
 storage_path = "{storage}"
+register_models = {register_models}
 """)
     return path
 
@@ -101,6 +104,22 @@ def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, mlflow, tmp_
     assert sorted(c.data.tags["prunetune.trial_id"] for c in children) == sorted(trials.trial_id)
 
 
+def test_search_attached_through_ray_client(cluster, mlflow, tmp_path):
+    spec = write_spec(tmp_path / "client.toml", tmp_path / "rr", num_samples=1, epochs=1)
+    r = prunetune("search", str(spec), "--address", cluster.client_address, "--tracking-uri", mlflow.url,
+                  env=cluster.env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Pareto front" in r.stdout
+    (exp_dir,) = (tmp_path / "rr").iterdir()
+    trials = pd.read_csv(exp_dir / "trials.csv", dtype={"trial_id": str})
+    assert len(trials) == 1 and trials.status[0] == "done" and trials.node_id[0] in cluster.nodes.values()
+    parents, children = mlflow_runs(mlflow.url, "client")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 1
+    from mlflow import MlflowClient
+
+    assert MlflowClient(mlflow.url).search_registered_models("name='client'") == []  # register_models = 0
+
+
 def test_lost_worker_node_trial_continues_from_its_checkpoint(cluster, mlflow, tmp_path):
     head = next(iter(cluster.nodes.values()))
     worker = cluster.nodes[list(cluster.nodes)[1]] if len(cluster.nodes) > 1 else cluster.add_node(cpus=1)
@@ -146,7 +165,7 @@ def test_lost_worker_node_trial_continues_from_its_checkpoint(cluster, mlflow, t
 
 def test_mlflow_outage_mid_search_is_backfilled_on_resume(cluster, tmp_path):
     server = MlflowServer(tmp_path).start()
-    spec = write_spec(tmp_path / "outage.toml", tmp_path / "rr", num_samples=2, epochs=2)
+    spec = write_spec(tmp_path / "outage.toml", tmp_path / "rr", num_samples=2, epochs=2, register_models=3)
     env = {**cluster.env, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "search", str(spec), "--address", cluster.address,
                              "--tracking-uri", server.url], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -182,6 +201,7 @@ def test_mlflow_outage_mid_search_is_backfilled_on_resume(cluster, tmp_path):
             assert "sweep.csv" in {a.path for a in client.list_artifacts(c.info.run_id)}
         assert client.get_model_version_by_alias("outage", "knee").tags["trial_run_id"] in {
             c.info.run_id for c in children}
+        assert 1 <= len(client.search_model_versions("name='outage'")) <= 3  # register_models = 3
     finally:
         server.stop()
 

@@ -172,7 +172,7 @@ def _done_trials(exp_dir: Path) -> int:
 
 def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
     spec_file = tmp_path / "s.toml"
-    d = tiny_spec(tmp_path, max_concurrent_trials=1, cpus_per_trial=2.0)
+    d = tiny_spec(tmp_path, max_concurrent_trials=1, cpus_per_trial=2.0, register_models=0)
     d["sweep"]["methods"] = ["global_l1"]
     lines = [f'name = "{d["name"]}"']
     for sec in ("data", "train", "sweep", "search"):
@@ -248,7 +248,7 @@ def test_diverging_trial_ends_as_diverged_and_the_search_goes_on(tmp_path):
     import ray
 
     # a grid over one sane lr and one that blows up: both trials run, one diverges
-    d = tiny_spec(tmp_path, sampler="grid", grid_lrs=[0.002, 1e12], cpus_per_trial=1.0)
+    d = tiny_spec(tmp_path, sampler="grid", grid_lrs=[0.002, 1e12], cpus_per_trial=1.0, register_models=0)
     d["train"].update(optimizer="sgd", schedule="constant", batch_size=10)  # several steps per epoch
     d["sweep"]["methods"] = ["global_l1"]
     ray.init(num_cpus=2, include_dashboard=False)

@@ -136,7 +136,6 @@ def export(model: nn.Module, fmt: str, out: str | Path, images: torch.Tensor) ->
 
 
 ALIASES = ("best-accuracy", "fastest", "knee")
-MAX_REGISTERED = 6  # the three aliased points first, then the rest of the front in order
 
 
 def register_front(uri: str, parent_run_id: str, front, objectives, checkpoints: dict[str, str],
@@ -156,7 +155,9 @@ def register_front(uri: str, parent_run_id: str, front, objectives, checkpoints:
         "fastest": (front[lat].idxmin() if lat_mode == "min" else front[lat].idxmax()),
         "knee": pareto.knee(front, objectives),
     }
-    order = list(dict.fromkeys([*picks.values(), *front.index]))[:MAX_REGISTERED]
+    # the aliased points first (always), then the rest of the front in order, up to register_models
+    order = list(dict.fromkeys([*picks.values(), *front.index]))
+    order = order[:max(spec.search.register_models, len(set(picks.values())))]
     splits = data.load(spec.data)
     example = data.normalize(splits.test.x[:2])
     client = _client(uri)

@@ -33,6 +33,13 @@ from tuning.spec import Spec, SpecError, from_dict
 SPEC_FILE = "prunetune_spec.json"
 STUDY_FILE = "optuna.db"
 TRACKING_FILE = "tracking_uri"  # the MLflow store the search logs to (resume reconnects to it)
+TUNE_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",  # the narrowed CLIReporter table
+    # per-epoch reports carry val_accuracy only; the objectives arrive with the final report
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+    # one checkpoint kept per trial forces a state snapshot per epoch: expected, not a problem
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
 
 
 @dataclass
@@ -157,7 +164,12 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
+    if address and address.startswith("ray://"):
+        # Ray Client: Tune's controller runs in an actor on the cluster, so it gets the
+        # settings through the job's runtime env, not this process's environment
+        _check_reachable(address)
+        ray.init(address=address, runtime_env={"env_vars": TUNE_ENV})
+    elif address:
         _check_reachable(address)
         ray.init(address=address)
     else:
@@ -297,11 +309,8 @@ def _slots(spec: Spec) -> int:
 
 
 def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the narrowed CLIReporter table
-    # per-epoch reports carry val_accuracy only; the objectives arrive with the final report
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # one checkpoint kept per trial forces a state snapshot per epoch: expected, not a problem
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    for k, v in TUNE_ENV.items():
+        os.environ.setdefault(k, v)
     # with a searcher Tune keeps one trial pending at a time, so trials start one worker start-up
     # after another; let as many wait as can run at once (more would be sampled blind)
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(_slots(spec))
@@ -316,7 +325,9 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
     if restore:  # the tracking callback comes back with the experiment and reconnects
         tracking.MlflowTracking.latest = None
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-        tracker = tracking.MlflowTracking.latest
+        tracker = tracking.MlflowTracking.latest  # None under Ray Client: restored on the cluster
+        if tracker is None and uri:
+            tracker = tracking.MlflowTracking(uri, spec.to_dict(), exp_dir)  # finds the runs by tag
     else:
         tracker = tracking.MlflowTracking(uri, spec.to_dict(), exp_dir)
         param_space, tune_config, run_config = _tuner_parts(spec, exp_dir, [tracker])
@@ -359,9 +370,11 @@ def resume(path: str | Path, address: str | None = None) -> tuple[SearchResult, 
         raise FileNotFoundError(f"{exp_dir} is not a prunetune search directory (no {SPEC_FILE}); "
                                 "pass the directory `prunetune search` printed")
     spec = from_dict(json.loads(spec_file.read_text()), source=str(spec_file))
+    uri = ""
     if (exp_dir / TRACKING_FILE).is_file():  # the search's callback reconnects to this store
-        tracking.check_reachable((exp_dir / TRACKING_FILE).read_text().strip())
+        uri = (exp_dir / TRACKING_FILE).read_text().strip()
+        tracking.check_reachable(uri)
     connect(address)
     check_storage(str(exp_dir.parent))
     print(f"resuming search {spec.name} from {exp_dir}", flush=True)
-    return _run(spec, exp_dir, "", restore=True), spec
+    return _run(spec, exp_dir, uri, restore=True), spec

@@ -51,6 +51,7 @@ class SearchConfig:
     gpus_per_trial: float = 0.0  # fractional: 0.25 -> four trials share a GPU
     max_concurrent_trials: int = 0  # 0 = as many as resources allow
     max_failures: int = 2  # retries of a trial whose worker died
+    register_models: int = 6  # Pareto models registered in MLflow (the 3 aliased ones at least); 0 = none
     # Ray results, checkpoints and the Optuna study; on a cluster of several machines a path
     # every node sees (a shared filesystem). Default: $PRUNETUNE_STORAGE_PATH (the containers set it), else ./ray_results.
     storage_path: str = field(default_factory=lambda: os.environ.get("PRUNETUNE_STORAGE_PATH") or "ray_results")
@@ -149,6 +150,7 @@ def _validate_ranges(spec: Spec) -> None:
     need(s.finetune_epochs >= 0, "[sweep] finetune_epochs must be >= 0")
     need(s.latency_runs >= 1 and s.latency_threads >= 1, "[sweep] latency_runs and latency_threads must be >= 1")
     need(q.num_samples >= 1, "[search] num_samples must be >= 1")
+    need(q.register_models >= 0, "[search] register_models must be >= 0 (0 = register none)")
     need(0 < q.lr_min <= q.lr_max, f"[search] need 0 < lr_min <= lr_max, got {q.lr_min}, {q.lr_max}")
     need(0.0 <= q.ratio_min <= q.ratio_max < 1.0, "[search] need 0 <= ratio_min <= ratio_max < 1")
     need("://" not in q.storage_path, f"[search] storage_path {q.storage_path!r}: object store URIs are not "

@@ -223,11 +223,13 @@ class MlflowTracking(Callback):
     # --------------------------------------------------------------- after the search
     def backfill(self, results) -> list[str]:
         """Log every trial of ``results`` (a Tune ResultGrid) whose child run is missing, did
-        not end, or missed a result during an outage, from the results Ray persisted in the trial directory (``result.json``: every
-        report, in order). Returns the trial ids it logged."""
-        ended = {r.data.tags.get("prunetune.trial_id") for r in self.client.search_runs(
-            [self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
-            if r.info.status in ("FINISHED", "FAILED")}
+        not end, or missed a result during an outage, from what Ray persisted in the trial's
+        directory (``result.json``: every report, in order). Returns the trial ids logged."""
+        children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
+        # the runs as the server has them (under Ray Client, Tune's copy of this callback logged them)
+        self.runs.update({r.data.tags["prunetune.trial_id"]: r.info.run_id for r in children
+                          if "prunetune.trial_id" in r.data.tags})
+        ended = {r.data.tags.get("prunetune.trial_id") for r in children if r.info.status in ("FINISHED", "FAILED")}
         done = []
         for r in results:
             reports = _reports(r.path)
@@ -275,7 +277,7 @@ class MlflowTracking(Callback):
                 self.client.log_artifact(self.parent_id, str(exp_dir / name))
         if res.hypervolume is not None:
             self.client.log_metric(self.parent_id, "pareto_hypervolume", res.hypervolume)
-        if len(res.front) and len(objectives) == 2:
+        if len(res.front) and len(objectives) == 2 and spec.search.register_models:
             checkpoints = {r.trial_id: str(Path(r.checkpoint) / "checkpoint.pt")
                            for r in res.trials.itertuples() if isinstance(r.checkpoint, str)}
             aliases = models.register_front(self.uri, self.parent_id, res.front, objectives, checkpoints,
