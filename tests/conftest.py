@@ -62,3 +62,32 @@ output_dir = "{tmp_path / 'runs'}"
 """
     )
     return p
+
+
+def write_spec(path: Path, storage: Path, num_samples: int, epochs: int, train_size: int = 60,
+               register_models: int = 0) -> Path:
+    """A tiny search experiment file (digits, global L1 at 0 and 0.5); its name is the file stem."""
+    path.write_text(f"""name = "{path.stem}"
+[data]
+train_size = {train_size}
+test_size = 30
+val_fraction = 0.25
+[train]
+epochs = {epochs}
+batch_size = 15
+optimizer = "adam"
+[sweep]
+methods = ["global_l1"]
+ratios = [0.0, 0.5]
+latency_runs = 3
+latency_warmup = 1
+eval_size = 20
+[search]
+num_samples = {num_samples}
+lr_min = 0.0005
+lr_max = 0.005
+cpus_per_trial = 1.0
+storage_path = "{storage}"
+register_models = {register_models}
+""")
+    return path

@@ -6,53 +6,23 @@ both and sets PRUNETUNE_REQUIRE_BROWSER=1 so that a missing browser fails instea
 """
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_spec
+from servers import MlflowServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REQUIRED = os.environ.get("PRUNETUNE_REQUIRE_BROWSER") == "1"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.Popen(
-        [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=3).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-3000:])
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    server = MlflowServer(tmp_path).start()
+    yield server.url
+    server.stop()
 
 
 def test_mlflow_ui_lists_parent_and_child_runs(mlflow_server, tmp_path):
@@ -62,28 +32,7 @@ def test_mlflow_ui_lists_parent_and_child_runs(mlflow_server, tmp_path):
         pytest.skip("chromium not installed (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
-    spec = tmp_path / "ui.toml"
-    spec.write_text(f"""
-name = "uitest"
-[data]
-train_size = 60
-test_size = 30
-val_fraction = 0.25
-[train]
-epochs = 1
-batch_size = 30
-optimizer = "adam"
-[sweep]
-methods = ["global_l1"]
-ratios = [0.0, 0.5]
-latency_runs = 3
-latency_warmup = 1
-eval_size = 20
-[search]
-num_samples = 2
-cpus_per_trial = 1.0
-storage_path = "{tmp_path / 'rr'}"
-""")
+    spec = write_spec(tmp_path / "uitest.toml", tmp_path / "rr", num_samples=2, epochs=1)
     r = subprocess.run([sys.executable, "-m", "tuning.cli", "search", str(spec), "--tracking-uri", mlflow_server],
                        cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
