@@ -216,7 +216,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     for override in args.set:
         entry += ["--set", override]
     env = {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", SUBMITTED_ENV: "1"}
-    env.update({k: os.environ[k] for k in ("PRUNETUNE_DEBUG", "PRUNETUNE_STORAGE_PATH") if k in os.environ})
+    if os.environ.get("PRUNETUNE_DEBUG"):  # tracebacks from the job too
+        env["PRUNETUNE_DEBUG"] = os.environ["PRUNETUNE_DEBUG"]
     job_id = client.submit_job(entrypoint=shlex.join(entry), runtime_env={"working_dir": str(staging), "env_vars": env})
     shutil.rmtree(staging, ignore_errors=True)
     print(f"submitted Ray job {job_id} to {address}: {shlex.join(entry)}", flush=True)
@@ -230,7 +231,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         async for lines in client.tail_job_logs(job_id):
             print(lines, end="", flush=True)
 
-    asyncio.run(tail())
+    try:
+        asyncio.run(tail())
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} goes on (ray job stop {job_id} --address {address} stops it)",
+              flush=True)
+        return 130
     status = client.get_job_status(job_id)
     print(f"Ray job {job_id}: {status.value}", flush=True)
     return 0 if status == JobStatus.SUCCEEDED else 1
