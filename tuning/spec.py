@@ -53,7 +53,8 @@ class SearchConfig:
     max_failures: int = 2  # retries of a trial whose worker died
     register_models: int = 6  # Pareto models registered in MLflow (the 3 aliased ones at least); 0 = none
     # Ray results, checkpoints and the Optuna study; on a cluster of several machines a path
-    # every node sees (a shared filesystem). Default: $PRUNETUNE_STORAGE_PATH (the containers set it), else ./ray_results.
+    # every node sees (a shared filesystem). Default: $PRUNETUNE_STORAGE_PATH (the containers
+    # set it), else ./ray_results.
     storage_path: str = field(default_factory=lambda: os.environ.get("PRUNETUNE_STORAGE_PATH") or "ray_results")
 
 
