@@ -30,6 +30,9 @@ class ModelError(ValueError):
     """A run, model alias or export request that cannot be served; says why."""
 
 
+ALIASES = ("best-accuracy", "fastest", "knee")  # set on the registered versions by register_front
+
+
 @dataclass
 class Point:
     run_id: str  # the trial's MLflow run (holds the dense checkpoint)
@@ -54,7 +57,7 @@ def resolve(uri: str, ref: str, method: str | None, ratio: float | None, int8: b
         if ref.startswith("models:/"):
             name, _, alias = ref.removeprefix("models:/").partition("@")
             if not alias:
-                raise ModelError(f"{ref}: use models:/NAME@ALIAS (aliases: best-accuracy, fastest, knee)")
+                raise ModelError(f"{ref}: use models:/NAME@ALIAS (aliases: {', '.join(ALIASES)})")
             tags = client.get_model_version_by_alias(name, alias).tags
             run_id = tags["trial_run_id"]
             defaults = {"method": tags["method"], "ratio": float(tags["ratio"]), "int8": tags["int8"] == "True"}
@@ -135,14 +138,12 @@ def export(model: nn.Module, fmt: str, out: str | Path, images: torch.Tensor) ->
     return float((ref == got).mean())
 
 
-ALIASES = ("best-accuracy", "fastest", "knee")
-
-
 def register_front(uri: str, parent_run_id: str, front, objectives, checkpoints: dict[str, str],
-                   trial_runs: dict[str, str], spec: Spec) -> dict[str, int]:
+                   trial_runs: dict[str, str], spec: Spec, splits: data.Splits | None = None) -> dict[str, int]:
     """Log the Pareto-optimal models on the parent run (PyTorch flavour, signature, input
     example) and register them under ``spec.name`` with the three aliases. ``checkpoints`` maps
-    trial id -> local dense checkpoint file; returns alias -> version."""
+    trial id -> local dense checkpoint file; ``splits``: the search's data (loaded if not given);
+    returns alias -> version."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -158,7 +159,7 @@ def register_front(uri: str, parent_run_id: str, front, objectives, checkpoints:
     # the aliased points first (always), then the rest of the front in order, up to register_models
     order = list(dict.fromkeys([*picks.values(), *front.index]))
     order = order[:max(spec.search.register_models, len(set(picks.values())))]
-    splits = data.load(spec.data)
+    splits = splits or data.load(spec.data)
     example = data.normalize(splits.test.x[:2])
     client = _client(uri)
     mlflow.set_tracking_uri(uri)

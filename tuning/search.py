@@ -212,14 +212,12 @@ def check_storage(storage_path: str) -> None:
     print(f"storage: {storage_path} is shared by all {len(nodes)} nodes", flush=True)
 
 
-def _trainable(spec: Spec):
+def _trainable(spec: Spec, splits):
     from ray import tune
 
-    from trainables import data
     from trainables.trainable import train_and_sweep
 
     q = spec.search
-    splits = data.load(spec.data)  # read once here, shipped through the object store
     print(f"data: {spec.data.dataset}: train {len(splits.train)} / val {len(splits.val)} / test "
           f"{len(splits.test)} images (put in the object store once)", flush=True)
     fn = tune.with_parameters(train_and_sweep, splits=splits, spec=spec.to_dict())
@@ -316,12 +314,14 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(_slots(spec))
     from ray import tune
 
+    from trainables import data
     from trainables.trainable import LATENCY_CACHE, LatencyCache
 
     # on the head node: a lost worker node must not take the search's latency table with it
     cache = LatencyCache.options(name=LATENCY_CACHE, get_if_exists=True,  # noqa: F841 (lives with us)
                                  resources={"node:__internal_head__": 0.001}).remote()
-    trainable = _trainable(spec)
+    splits = data.load(spec.data)  # read once: the trials get it through the object store, and
+    trainable = _trainable(spec, splits)  # registering the front calibrates INT8 models on it
     if restore:  # the tracking callback comes back with the experiment and reconnects
         tracking.MlflowTracking.latest = None
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -335,7 +335,7 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
     results = tuner.fit()
     res = _collect(spec, exp_dir, results)
     if tracker is not None:
-        tracker.finish(res, spec, results)
+        tracker.finish(res, spec, results, splits)
     del cache
     return res
 

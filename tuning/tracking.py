@@ -248,7 +248,7 @@ class MlflowTracking(Callback):
             done.append(trial.trial_id)
         return done
 
-    def finish(self, res, spec, results) -> bool:
+    def finish(self, res, spec, results, splits=None) -> bool:
         """After the search: back-fill what an outage missed, then the tables, the front's plot
         and hypervolume, the registered models. Warns and returns False if MLflow still fails:
         the results stay on disk and ``prunetune resume`` logs them later."""
@@ -257,7 +257,7 @@ class MlflowTracking(Callback):
             if filled:
                 print(f"MLflow: back-filled {len(filled)} trial run(s) missed while the server was away: "
                       f"{', '.join(filled)}", flush=True)
-            self._finish(res, spec)
+            self._finish(res, spec, splits)
             return True
         except Exception as e:
             print(f"prunetune: warning: MLflow logging after the search failed ({_first_line(e)}); every result "
@@ -265,7 +265,7 @@ class MlflowTracking(Callback):
                   "missing runs, the tables and the registered models", file=sys.stderr, flush=True)
             return False
 
-    def _finish(self, res, spec) -> None:
+    def _finish(self, res, spec, splits) -> None:
         from tuning import models, pareto
 
         exp_dir = Path(res.path)
@@ -281,7 +281,7 @@ class MlflowTracking(Callback):
             checkpoints = {r.trial_id: str(Path(r.checkpoint) / "checkpoint.pt")
                            for r in res.trials.itertuples() if isinstance(r.checkpoint, str)}
             aliases = models.register_front(self.uri, self.parent_id, res.front, objectives, checkpoints,
-                                            self.runs, spec)
+                                            self.runs, spec, splits)
             print("registered model " + repr(spec.name) + ": " +
                   ", ".join(f"{a} -> version {v}" for a, v in aliases.items()), flush=True)
         self.client.set_terminated(self.parent_id, "FINISHED")
