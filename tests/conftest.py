@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +10,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset.npz"
+
+
+def prunetune(*args: str, env: dict | None = None, cwd: Path = REPO,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the ``prunetune`` command line of this checkout in a child process."""
+    return subprocess.run([sys.executable, "-m", "tuning.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def write_cifar_fixture(root: Path, n_per_batch: int = 20, n_test: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -8,13 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SUBSET
-
-
-def prunetune(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tuning.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
+from conftest import REPO, SUBSET, prunetune
 
 
 def test_train_json_contract(tiny_spec_file):
@@ -184,17 +178,13 @@ def test_ui_serves_the_tracking_store(tmp_path):
 
 def test_submit_and_search_address_errors(tiny_spec_file):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_API_SERVER_ADDRESS")}
-    r = subprocess.run([sys.executable, "-m", "tuning.cli", "submit", str(tiny_spec_file)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = prunetune("submit", str(tiny_spec_file), env=env, timeout=120)
     assert r.returncode == 2 and "submit needs --tracking-uri" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "tuning.cli", "submit", str(tiny_spec_file), "--address",
-                        "http://127.0.0.1:1", "--tracking-uri", "http://mlflow:5000"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = prunetune("submit", str(tiny_spec_file), "--address", "http://127.0.0.1:1", "--tracking-uri",
+                  "http://mlflow:5000", env=env, timeout=120)
     assert r.returncode == 2 and "cannot reach the Ray Jobs API at 'http://127.0.0.1:1'" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "tuning.cli", "submit", str(tiny_spec_file), "--set", "train.lr=-1",
-                        "--tracking-uri", "http://mlflow:5000"], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = prunetune("submit", str(tiny_spec_file), "--set", "train.lr=-1", "--tracking-uri", "http://mlflow:5000",
+                  env=env, timeout=120)
     assert r.returncode == 2 and "lr must be > 0" in r.stderr  # checked here, before anything is submitted
-    r = subprocess.run([sys.executable, "-m", "tuning.cli", "search", str(tiny_spec_file), "--address",
-                        "http://127.0.0.1:8265"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    r = prunetune("search", str(tiny_spec_file), "--address", "http://127.0.0.1:8265", env=env, timeout=120)
     assert r.returncode == 2 and "prunetune submit FILE --address http://127.0.0.1:8265" in r.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO, write_spec
+from conftest import REPO, prunetune, write_spec
 from servers import MlflowServer, RayCluster, wait_for
 
 
@@ -37,11 +37,6 @@ def mlflow(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server
     server.stop()
-
-
-def prunetune(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tuning.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def mlflow_runs(uri: str, experiment: str) -> tuple[list, list]:

@@ -11,7 +11,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, prunetune
 from tuning import search
 from tuning.spec import from_dict
 
@@ -111,8 +111,7 @@ def test_mlflow_runs_metrics_artifacts_and_registry(gpu_search):
 
 
 def cli(*args: str, uri: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tuning.cli", *args, "--tracking-uri", uri], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return prunetune(*args, "--tracking-uri", uri, timeout=600)
 
 
 def test_pareto_json_equals_front_of_all_points(gpu_search):
@@ -201,8 +200,7 @@ def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
         proc.wait()
     done_before = _done_trials(exp_dir)
     assert 1 <= done_before < 4
-    r = subprocess.run([sys.executable, "-m", "tuning.cli", "resume", str(exp_dir)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = prunetune("resume", str(exp_dir), env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Pareto front" in r.stdout
     trials = pd.read_csv(exp_dir / "trials.csv", dtype={"trial_id": str})
@@ -223,8 +221,7 @@ def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
 def test_unreachable_ray_address_is_clear(tmp_path):
     spec_file = tmp_path / "s.toml"
     spec_file.write_text('[data]\ntrain_size = 60\n')
-    r = subprocess.run([sys.executable, "-m", "tuning.cli", "search", str(spec_file), "--address", "127.0.0.1:1"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = prunetune("search", str(spec_file), "--address", "127.0.0.1:1", timeout=300)
     assert r.returncode == 2 and "cannot reach the Ray cluster at '127.0.0.1:1'" in r.stderr
 
 
@@ -232,15 +229,13 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
     spec_file = tmp_path / "s.toml"
     spec_file.write_text(f'[data]\ntrain_size = 60\n[search]\nstorage_path = "{tmp_path}/rr"\n')
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "tuning.cli", "search", str(spec_file), "--tracking-uri",
-                        "http://127.0.0.1:1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = prunetune("search", str(spec_file), "--tracking-uri", "http://127.0.0.1:1", timeout=300)
     assert r.returncode == 2 and "cannot use the MLflow tracking store 'http://127.0.0.1:1'" in r.stderr
     assert "epoch" not in r.stdout and not (tmp_path / "rr").exists() and time.time() - t0 < 120
 
 
 def test_resume_of_a_non_search_dir(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "tuning.cli", "resume", str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    r = prunetune("resume", str(tmp_path), timeout=120)
     assert r.returncode == 2 and "not a prunetune search directory" in r.stderr
 
 

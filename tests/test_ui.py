@@ -6,12 +6,10 @@ both and sets PRUNETUNE_REQUIRE_BROWSER=1 so that a missing browser fails instea
 """
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, write_spec
+from conftest import prunetune, write_spec
 from servers import MlflowServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,8 +31,7 @@ def test_mlflow_ui_lists_parent_and_child_runs(mlflow_server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     spec = write_spec(tmp_path / "uitest.toml", tmp_path / "rr", num_samples=2, epochs=1)
-    r = subprocess.run([sys.executable, "-m", "tuning.cli", "search", str(spec), "--tracking-uri", mlflow_server],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    r = prunetune("search", str(spec), "--tracking-uri", mlflow_server, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     from mlflow import MlflowClient
