@@ -197,12 +197,19 @@ def check_storage(storage_path: str) -> None:
     def sees(path: str) -> bool:
         return os.path.isfile(path)
 
+    refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(str(marker)) for n in nodes]
     try:
-        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                        .remote(str(marker)) for n in nodes], timeout=120)
+        answered, _ = ray.wait(refs, num_returns=len(refs), timeout=120)
+        seen = [ray.get(r) if r in answered else None for r in refs]
     finally:
         marker.unlink(missing_ok=True)
-    blind = [f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n, ok in zip(nodes, seen) if not ok]
+    name = [f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n in nodes]
+    silent = [name[i] for i, ok in enumerate(seen) if ok is None]
+    if silent:
+        raise ConnectionError(f"{len(silent)} of {len(nodes)} nodes did not answer the storage_path check within "
+                              f"120 s ({', '.join(silent)}); check them with `ray status` and try again")
+    blind = [name[i] for i, ok in enumerate(seen) if not ok]
     if blind:
         raise SpecError(
             f"search.storage_path {storage_path} is not shared: {len(blind)} of {len(nodes)} nodes cannot see it "
