@@ -52,14 +52,18 @@ def prune(model: nn.Module, method: str, ratio: float, *, seed: int = 0) -> nn.M
 
     ``ratio`` is the fraction of weights (unstructured methods) or of conv output channels
     (``channel_l1``) to remove, in [0, 1). ``ratio == 0`` returns an unpruned copy. ``seed``
-    only matters for ``global_random`` and never touches the global RNG.
+    only matters for ``global_random``: its mask is drawn from a CPU generator seeded with it,
+    so it is the same on any device and no global RNG (CPU or CUDA) is touched.
+
+    The copy is in the plain (contiguous) layout whatever ``model``'s is: torch's pruning
+    flattens weights with ``view(-1)``, which channels_last tensors (a CUDA-trained model) refuse.
 
     The unstructured methods keep torch's prune reparametrisation (``weight_orig`` and
     ``weight_mask``) on the returned model, so fine-tuning it keeps pruned weights exactly
     zero; call ``make_permanent`` before shipping or timing it.
     """
     _check_args(method, ratio)
-    pruned = clone(model)
+    pruned = clone(model).to(memory_format=torch.contiguous_format)
     if ratio == 0.0:
         return pruned
     if method == "channel_l1":
@@ -73,12 +77,29 @@ def prune(model: nn.Module, method: str, ratio: float, *, seed: int = 0) -> nn.M
         for module, name in targets:
             torch_prune.l1_unstructured(module, name, amount=ratio)
     else:  # global_random
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            torch_prune.global_unstructured(
-                targets, pruning_method=torch_prune.RandomUnstructured, amount=ratio
-            )
+        torch_prune.global_unstructured(targets, pruning_method=_SeededRandomUnstructured, amount=ratio, seed=seed)
     return pruned
+
+
+class _SeededRandomUnstructured(torch_prune.RandomUnstructured):
+    """torch's random unstructured pruning with its own seeded CPU generator.
+
+    ``RandomUnstructured`` draws with ``torch.rand_like``, i.e. from the global generator of the
+    weights' device: a CUDA sweep and a CPU re-derivation (``tuning.models.derive``) would get
+    different masks, and the draw would move the global CUDA RNG.
+    """
+
+    def __init__(self, amount: float, seed: int = 0) -> None:
+        super().__init__(amount)
+        self.seed = seed
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        mask = default_mask.clone(memory_format=torch.contiguous_format)
+        k = round(self.amount * t.nelement())  # as torch rounds a fractional amount
+        if k:
+            scores = torch.rand(t.shape, generator=torch.Generator().manual_seed(self.seed))
+            mask.view(-1)[torch.topk(scores.view(-1), k).indices.to(mask.device)] = 0
+        return mask
 
 
 def clone(model: nn.Module) -> nn.Module:
