@@ -16,6 +16,7 @@ Datasets:
 """
 from __future__ import annotations
 
+import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,11 +199,19 @@ def load(cfg: DataConfig) -> Splits:
 # ----------------------------------------------------------------------------- batches
 
 
+@functools.cache
+def _stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (0-255 scale) as 1x3x1x1 tensors on ``device``, made once per device: a
+    fresh ``torch.tensor(..., device=cuda)`` per batch would be a host->device copy and a sync."""
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 NCHW -> float NCHW normalised with the CIFAR-10 statistics (on x's device)."""
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1) * 255
-    return (x.float() - mean) / std
+    mean, std = _stats(x.device)
+    return x.to(torch.float32, copy=True).sub_(mean).div_(std)  # copy: never writes into x
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
