@@ -131,12 +131,13 @@ def cpu_latency(
     Returns ``latency_ms`` (median, robust to stray slow runs), ``latency_p90_ms``,
     ``latency_cv`` (std/mean of the runs), ``threads``, ``runs`` and ``cpu`` (model name),
     since a latency means nothing without the machine it was taken on. A GPU model is
-    copied to CPU. Time a masked model after ``compress.make_permanent``: the mask hooks
+    copied to CPU, in the plain (contiguous) layout: the one every model is shipped and
+    re-derived in, so a latency cached by architecture means one thing. Time a masked model after ``compress.make_permanent``: the mask hooks
     otherwise add their own cost.
     """
     if runs < 1 or warmup < 0 or threads < 1 or batch_size < 1:
         raise ValueError("runs, threads and batch_size must be >= 1 and warmup >= 0")
-    timed = clone(model).cpu().eval()
+    timed = clone(model).cpu().eval().to(memory_format=torch.contiguous_format)  # the layout that ships
     inputs = torch.randn(batch_size, *_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -1,6 +1,7 @@
 """Trained dense model x (method, ratio[, int8]) -> one pandas row per point.
 
-For every point: prune a copy of the trained weights, evaluate it without retraining
+For every point: prune a copy of the trained weights (in the plain layout, whatever the
+model trained in), evaluate it in fp32 as it ships without retraining
 (``accuracy`` on the validation split, ``test_accuracy`` on the test split), optionally
 fine-tune it with its mask fixed and evaluate again, bake the mask in, and measure what
 would ship: sparsity, nonzero parameters, compressed size, MACs and CPU batch-1 latency
@@ -25,7 +26,9 @@ import torch.nn as nn
 
 from trainables import compress, measure
 from trainables.data import Split, Splits, normalize
-from trainables.train import TrainConfig, evaluate, make_optimizer, make_scheduler, train_one_epoch
+from trainables.train import (
+    TrainConfig, evaluate, for_training, make_optimizer, make_scheduler, plain_layout, train_one_epoch,
+)
 
 
 @dataclass
@@ -60,13 +63,14 @@ def finetune(model: nn.Module, split: Split, cfg: TrainConfig, epochs: int, lr: 
     by the mask in every forward, so pruned weights stay exactly zero (their gradient is zero
     and they are recomputed from the mask).
     """
-    model = compress.clone(model).to(split.x.device)
+    device = split.x.device
+    model = for_training(compress.clone(model).to(device), device, cfg.amp)
     ft = dataclasses.replace(cfg, epochs=epochs, lr=lr, schedule="cosine", optimizer="sgd")
     opt = make_optimizer(model, ft)
     sched = make_scheduler(opt, ft, max(1, len(split) // ft.batch_size))
     for epoch in range(1, epochs + 1):
         train_one_epoch(model, split, opt, sched, ft, 10_000 + epoch)
-    return model.eval()
+    return plain_layout(model).eval()
 
 
 def _head(split: Split, n: int) -> Split:

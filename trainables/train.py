@@ -5,11 +5,18 @@ SGD with Nesterov momentum and weight decay (or Adam), a one-cycle (triangle) / 
 stepped per batch, label smoothing, on CUDA bf16 autocast and channels_last. Batches come from
 :mod:`trainables.data` (uint8 on the device, augmented per batch there).
 
-A checkpoint holds model, optimiser, scheduler, completed epochs, RNG states, the training and
-data configs and the per-epoch history. Since each epoch's shuffle and augmentation depend only
-on ``(seed, epoch)``, resuming continues the run exactly: the same weights as an uninterrupted
-run. A NaN/Inf loss raises :class:`Diverged` naming the epoch and the lr; the last good
-checkpoint is kept.
+Layout: training on CUDA runs channels_last (:func:`fast_path`), but every model that leaves
+:func:`fit` or :func:`for_training` is back in the plain (contiguous) layout, the one that is
+pruned, measured, checkpointed and shipped. Evaluation runs bf16 only when asked (``amp``): the
+sweep evaluates fp32 models as they ship.
+
+A checkpoint holds model, optimiser, scheduler, completed epochs, the CPU RNG state, the device
+it trained on, the training config, ``meta`` and the per-epoch history. Since each epoch's
+shuffle and augmentation depend only on ``(seed, epoch)`` and the device's generator, resuming
+on the same kind of device continues the run exactly: the same weights as an uninterrupted run.
+Resuming on another kind (CUDA and CPU generators differ) warns with :class:`ResumeWarning`.
+A NaN/Inf loss raises :class:`Diverged` naming the epoch and the lr; the last good checkpoint
+is kept.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -69,6 +77,10 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or not ours."""
 
 
+class ResumeWarning(UserWarning):
+    """A run resumes on another kind of device than it trained on: not an exact continuation."""
+
+
 @dataclass
 class FitResult:
     model: nn.Module
@@ -88,14 +100,30 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def _fast_cuda(device: torch.device, amp: bool) -> bool:
+def fast_path(device: torch.device, amp: bool) -> bool:
+    """Whether to run bf16 autocast + channels_last: on CUDA when ``amp`` is on.
+
+    Every caller looks this up at call time, so a test can force the CUDA branch on a CPU
+    (torch has CPU bf16 autocast and channels_last too) by patching it.
+    """
     return amp and device.type == "cuda"
 
 
-def _autocast(device: torch.device, amp: bool = True) -> contextlib.AbstractContextManager:
-    if _fast_cuda(device, amp):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    if fast_path(device, amp):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def for_training(model: nn.Module, device: torch.device, amp: bool) -> nn.Module:
+    """``model`` in the layout it trains fastest in on ``device`` (channels_last on the fast path)."""
+    return model.to(memory_format=torch.channels_last if fast_path(device, amp) else torch.contiguous_format)
+
+
+def plain_layout(model: nn.Module) -> nn.Module:
+    """``model`` back in the contiguous layout: the one pruning (``view(-1)``), latency and
+    export expect, and the one checkpoints are rebuilt in."""
+    return model.to(memory_format=torch.contiguous_format)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -135,8 +163,9 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
+    fast = fast_path(device, cfg.amp)
     for step, (x, y) in enumerate(train_batches(split, cfg.batch_size, cfg.seed, epoch)):
-        if _fast_cuda(device, cfg.amp):
+        if fast:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.amp):
             out = model(x)
@@ -160,26 +189,24 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> float:
-    """Top-1 accuracy (0-1) of ``model`` on ``split`` (no augmentation)."""
+def evaluate(model: nn.Module, split: Split, batch_size: int = 512, *, amp: bool = False) -> float:
+    """Top-1 accuracy (0-1) of ``model`` on ``split`` (no augmentation).
+
+    fp32 by default: the accuracy of the model as it ships. ``amp=True`` evaluates the way it
+    trains (bf16 + channels_last inputs on the fast path): the per-epoch validation of ``fit``.
+    """
     device = split.x.device
     was_training = model.training
     model.eval()
+    fast = fast_path(device, amp)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in eval_batches(split, batch_size):
-        if device.type == "cuda":
+        if fast:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
+        with _autocast(device, amp):
             correct += (model(x).argmax(1) == y).sum()
     model.train(was_training)
     return correct.item() / max(len(split), 1)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
@@ -246,9 +273,7 @@ def fit(
     if cfg.threads > 0 and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = cifar_resnet18().to(device)
-    if _fast_cuda(device, cfg.amp):
-        model = model.to(memory_format=torch.channels_last)
+    model = for_training(cifar_resnet18().to(device), device, cfg.amp)
     opt = make_optimizer(model, cfg)
     steps = max(1, len(splits.train) // cfg.batch_size)
     sched = make_scheduler(opt, cfg, steps)
@@ -259,9 +284,15 @@ def fit(
         model.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
+        # batches draw from their own (seed, epoch) generators, so the CPU state is all there is;
+        # older checkpoints' per-GPU CUDA states are ignored (their count need not match this node's)
         torch.set_rng_state(resume["rng"]["torch"])
-        if "cuda" in resume["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        trained_on = resume.get("device", device.type)
+        if trained_on != device.type:
+            warnings.warn(ResumeWarning(
+                f"resuming a run that trained on {trained_on} on {device.type}: epochs from "
+                f"{resume['epoch'] + 1} on shuffle and augment with the {device.type} generator, so the "
+                f"weights will differ from an uninterrupted {trained_on} run"), stacklevel=2)
         history = list(resume["history"])
         start_epoch = resume["epoch"] + 1
 
@@ -271,7 +302,7 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         stats = train_one_epoch(model, splits.train, opt, sched, cfg, epoch)
-        stats["val_accuracy"] = evaluate(model, splits.val, cfg.eval_batch_size)
+        stats["val_accuracy"] = evaluate(model, splits.val, cfg.eval_batch_size, amp=cfg.amp)
         stats["epoch"] = epoch
         stats["images_per_second"] = stats["images"] / stats["seconds"]
         stats["lr"] = sched.get_last_lr()[0]
@@ -283,11 +314,13 @@ def fit(
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {
                 "arch": ARCH, "num_classes": 10, "epoch": epoch, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": {"torch": torch.get_rng_state()}, "device": device.type,
                 "train": dataclasses.asdict(cfg), "meta": meta or {}, "history": history,
             })
         if on_epoch is not None:
             on_epoch(stats)
+    result.model = plain_layout(model)
     result.history = history
     result.val_accuracy = history[-1]["val_accuracy"] if history else float("nan")
     result.train_seconds = train_seconds
