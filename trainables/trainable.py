@@ -32,7 +32,7 @@ from ray import tune
 
 from trainables.data import Splits
 from trainables.sweep import SweepConfig, run_sweep
-from trainables.train import Diverged, TrainConfig, fit, load_checkpoint, model_from_checkpoint
+from trainables.train import DeviceError, Diverged, TrainConfig, fit, load_checkpoint, model_from_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LATENCY_CACHE = "prunetune_latency_cache"
@@ -81,23 +81,45 @@ class _SharedCache:
         self._call("put", key, value)
 
 
-def _resources() -> tuple[int, torch.device]:
-    """Threads and device from what Ray assigned to this trial."""
+def _resources(requested: str = "auto") -> tuple[int, torch.device]:
+    """Threads and device from what Ray assigned to this trial.
+
+    A trial given a GPU trains on it; with a fraction of one (``gpus_per_trial = 0.25``) its
+    CUDA allocator is capped at that fraction of the card's memory, so one trial cannot starve
+    the others sharing it. A GPU that torch cannot use is an error, not a silent CPU run,
+    unless ``[train] device = "cpu"`` says the GPUs are scheduling slots only.
+    """
     assigned = ray.get_runtime_context().get_assigned_resources()
     threads = max(1, int(assigned.get("CPU", 1)))
-    gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-    return threads, torch.device("cuda" if gpu else "cpu")
+    gpu_ids = ray.get_gpu_ids()
+    if requested == "cuda" and not gpu_ids:
+        raise DeviceError("[train] device = \"cuda\" but Ray gave this trial no GPU: set [search] gpus_per_trial "
+                          "(e.g. 1, or 0.5 to share a GPU between two trials)")
+    if not gpu_ids or requested == "cpu":
+        return threads, torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"Ray assigned GPU {','.join(map(str, gpu_ids))} to this trial, but torch {torch.__version__} "
+            f"cannot use it (CUDA build: {torch.version.cuda or 'none'}, CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}). Install a CUDA build of torch on the worker "
+            "nodes, or set [train] device = \"cpu\" to use the GPUs as scheduling slots only")
+    fraction = float(assigned.get("GPU", 1.0))
+    if fraction < 1.0:
+        torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    return threads, torch.device("cuda")
 
 
 def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]) -> None:
     """Function trainable; ``splits`` and ``spec`` come once per search via ``tune.with_parameters``."""
     # one "Checkpoint successfully created" line per epoch per trial drowns the progress table
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    threads, device = _resources()
+    threads, device = _resources(spec["train"]["device"])
     torch.set_num_threads(threads)
     splits = splits.to(device)  # once: training and the sweep both keep it on the device
     searched = {k: v for k, v in config.items() if k in spec["train"]}  # lr, and any other [train] key
-    train_cfg = dataclasses.replace(TrainConfig(**spec["train"]), **searched, threads=threads, device=device.type)
+    # the spec keeps the device the user asked for ("auto"), so the checkpoint sweeps and exports
+    # anywhere; the device this trial used is recorded in the checkpoint and the trial's results
+    train_cfg = dataclasses.replace(TrainConfig(**spec["train"]), **searched, threads=threads)
     sweep_cfg = SweepConfig(**spec["sweep"])
     method = config.get("method", sweep_cfg.methods[0])
     ratio = round(float(config.get("prune_ratio", 0.0)), 4)
@@ -141,6 +163,8 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
 
     own = df[(df.method == method) & (df.ratio == ratio) & (df.int8 == int8)].iloc[0].to_dict()
     own.pop("method"), own.pop("ratio"), own.pop("int8")
+    if device.type == "cuda":  # what the trial needed of its GPU share
+        base["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
     tune.report({**base, **own, "phase": "done", "epoch": train_cfg.epochs, "val_accuracy": val_acc,
                  "method": method, "prune_ratio": ratio, "int8": int8, "trial_end": time.time(),
                  "sweep_json": df.to_json(orient="records")})

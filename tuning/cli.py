@@ -116,7 +116,9 @@ def _load_trained(path: str):
     from tuning.models import dense_from_checkpoint
 
     model, spec = dense_from_checkpoint(path)
-    device = pick_device(spec.train.device)
+    # where this sweep runs is this machine's business, not the recipe's: a checkpoint trained
+    # with device = "cuda" sweeps on a laptop's CPU (only an explicit "cpu" is kept)
+    device = pick_device("cpu" if spec.train.device == "cpu" else "auto")
     return model.to(device), spec, data.load(spec.data).to(device)
 
 
