@@ -41,9 +41,11 @@ def gpu_search(tmp_path_factory):
 
     tmp_path = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    d = tiny_spec(tmp_path, cpus_per_trial=0.5, gpus_per_trial=0.5)
+    d["train"]["device"] = "cpu"  # logical GPUs are scheduling slots here: torch has no CUDA to train on
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
     try:
-        res = search.search(from_dict(tiny_spec(tmp_path, cpus_per_trial=0.5, gpus_per_trial=0.5)), tracking_uri=uri)
+        res = search.search(from_dict(d), tracking_uri=uri)
     finally:
         ray.shutdown()
     return res, uri
