@@ -20,6 +20,7 @@ The unstructured methods remove no work (masked weights are still multiplied); o
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import warnings
@@ -28,10 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.utils.prune as torch_prune
 import torch_pruning as tp
-from torch.ao.quantization import get_default_qconfig_mapping
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 METHODS = ("global_l1", "layer_l1", "global_random", "channel_l1")
+
+# Kept channel counts of channel_l1 are multiples of this (measured: experiments/bench_round_to.py).
+ROUND_TO = 8
 
 # One CIFAR image; used to trace the graph for channel pruning and FX quantization.
 _EXAMPLE_SHAPE = (1, 3, 32, 32)
@@ -47,13 +51,17 @@ _QUANT_WARNINGS = (
 )
 
 
-def prune(model: nn.Module, method: str, ratio: float, *, seed: int = 0) -> nn.Module:
+def prune(model: nn.Module, method: str, ratio: float, *, seed: int = 0, round_to: int = ROUND_TO) -> nn.Module:
     """Return a pruned copy of ``model``; ``model`` itself is never changed.
 
     ``ratio`` is the fraction of weights (unstructured methods) or of conv output channels
     (``channel_l1``) to remove, in [0, 1). ``ratio == 0`` returns an unpruned copy. ``seed``
     only matters for ``global_random``: its mask is drawn from a CPU generator seeded with it,
     so it is the same on any device and no global RNG (CPU or CUDA) is touched.
+
+    ``round_to`` (``channel_l1`` only) keeps every pruned layer's channel count a multiple of it
+    (1 = exactly ``ratio``): CPU kernels vectorise over channel blocks, so counts off the block
+    size cost nearly as much as the next multiple (``experiments/bench_round_to.py``).
 
     The copy is in the plain (contiguous) layout whatever ``model``'s is: torch's pruning
     flattens weights with ``view(-1)``, which channels_last tensors (a CUDA-trained model) refuse.
@@ -67,7 +75,7 @@ def prune(model: nn.Module, method: str, ratio: float, *, seed: int = 0) -> nn.M
     if ratio == 0.0:
         return pruned
     if method == "channel_l1":
-        return _channel_l1(make_permanent(pruned), ratio)
+        return _channel_l1(make_permanent(pruned), ratio, round_to)
     targets = [(module, "weight") for module in _weighted_layers(pruned)]
     if method == "global_l1":
         torch_prune.global_unstructured(
@@ -139,10 +147,11 @@ def make_permanent(model: nn.Module) -> nn.Module:
 def quantize_int8(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
     """Return a post-training static INT8 copy of ``model`` for CPU inference (x86 backend).
 
-    ``calibration`` is a batch of float, normalized NCHW images (a few hundred are enough);
-    activation ranges are observed on it. Works on any method's output: masks are made
-    permanent first, and channel-pruned models are just smaller dense models. The result
-    takes and returns float tensors and runs on CPU only (a GPU model is copied to CPU).
+    Weights are quantized per output channel (symmetric), activations per tensor with ranges
+    from a histogram observer run over ``calibration``: a batch of float, normalized NCHW
+    images (a few hundred are enough). Works on any method's output: masks are made permanent
+    first, and channel-pruned models are just smaller dense models. The result takes and
+    returns float tensors and runs on CPU only (a GPU model is copied to CPU).
 
     Why FX graph mode (``prepare_fx``/``convert_fx``): on torch 2.14 it is the one path that
     gives real INT8 kernels (fbgemm/oneDNN) for an ``nn.Module`` with no extra package or
@@ -152,20 +161,40 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
     PyTorch (export + an ORT session), so both are kept as the forward path for when
     ``torch.ao.quantization`` is removed. Its deprecation warnings are suppressed here.
     """
-    float_model = make_permanent(model).cpu().eval()
     calibration = calibration.cpu()
-    example = (calibration[:1],)
-    with warnings.catch_warnings():
-        for message in _QUANT_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
-        prepared = prepare_fx(
-            float_model, get_default_qconfig_mapping(_QUANT_BACKEND), example
-        )
+    with _quiet_quantization():
+        prepared = prepare_fx(make_permanent(model).cpu().eval(), get_default_qconfig_mapping(_QUANT_BACKEND),
+                              (calibration[:1],))
         with torch.no_grad():
             for batch in calibration.split(_CALIBRATION_BATCH):
                 prepared(batch)
-        quantized = convert_fx(prepared)
-    return quantized.eval()
+    return convert_int8(prepared)
+
+
+def prepare_qat(model: nn.Module) -> nn.Module:
+    """Return a copy of ``model`` with fake quantization inserted, for quantization-aware
+    fine-tuning (same x86 INT8 scheme as :func:`quantize_int8`; BN is folded into the convs
+    as it trains). Train it (on any device), then :func:`convert_int8` it. Masks are made
+    permanent first: keep pruned zeros at zero yourself (see ``trainables.sweep``)."""
+    with _quiet_quantization():
+        example = (torch.zeros(_EXAMPLE_SHAPE),)
+        return prepare_qat_fx(make_permanent(model).cpu().train(), get_default_qat_qconfig_mapping(_QUANT_BACKEND),
+                              example)
+
+
+def convert_int8(prepared: nn.Module) -> nn.Module:
+    """A calibrated (:func:`quantize_int8`) or quantization-aware trained (:func:`prepare_qat`)
+    model -> the INT8 CPU model."""
+    with _quiet_quantization():
+        return convert_fx(prepared.cpu().eval()).eval()
+
+
+@contextlib.contextmanager
+def _quiet_quantization():
+    with warnings.catch_warnings():
+        for message in _QUANT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -206,8 +235,9 @@ def _weighted_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def _channel_l1(model: nn.Module, ratio: float) -> nn.Module:
-    """Physically remove ``ratio`` of every conv's channels in place on ``model`` (a copy)."""
+def _channel_l1(model: nn.Module, ratio: float, round_to: int) -> nn.Module:
+    """Physically remove ``ratio`` of every conv's channels in place on ``model`` (a copy),
+    keeping channel counts multiples of ``round_to``."""
     was_training = model.training
     model.eval()  # tracing runs a forward pass; eval keeps BN running stats untouched
     classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
@@ -218,6 +248,7 @@ def _channel_l1(model: nn.Module, ratio: float) -> nn.Module:
         importance=tp.importance.MagnitudeImportance(p=1),
         pruning_ratio=ratio,
         ignored_layers=classifier,  # keep the output classes
+        round_to=round_to if round_to > 1 else None,
     )
     pruner.step()
     return model.train(was_training)
