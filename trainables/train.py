@@ -152,12 +152,21 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, images, labels) -> loss
+
+
 def train_one_epoch(
-    model: nn.Module, split: Split, opt: torch.optim.Optimizer, sched, cfg: TrainConfig, epoch: int
+    model: nn.Module, split: Split, opt: torch.optim.Optimizer, sched, cfg: TrainConfig, epoch: int,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, float]:
-    """One pass over ``split``; returns loss, train accuracy, images and seconds."""
+    """One pass over ``split``; returns loss, train accuracy, images and seconds.
+
+    The loss is label-smoothed cross-entropy unless ``loss_fn`` is given (fine-tuning with
+    distillation passes one that also asks a teacher about the same augmented batch).
+    """
     device = split.x.device
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = loss_fn or (lambda out, x, y: ce(out, y))
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -169,7 +178,7 @@ def train_one_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, cfg.amp):
             out = model(x)
-            loss = criterion(out, y)
+            loss = criterion(out, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
