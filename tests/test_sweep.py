@@ -4,7 +4,7 @@ import torch
 from trainables import compress, data
 from trainables.data import DataConfig
 from trainables.measure import sparsity
-from trainables.sweep import COLUMNS, SweepConfig, finetune, run_sweep
+from trainables.sweep import COLUMNS, SweepConfig, distillation_loss, finetune, run_sweep
 from trainables.train import TrainConfig, evaluate, fit
 
 TRAIN = TrainConfig(epochs=1, batch_size=30, lr=0.002, optimizer="adam", threads=2, eval_batch_size=64)
@@ -69,12 +69,63 @@ def test_finetune_keeps_pruned_weights_zero(trained):
     assert sparsity(compress.make_permanent(tuned)) == pytest.approx(0.6, abs=1e-3)
 
 
-def test_finetune_columns(trained):
+def test_distillation_finetune_keeps_zeros_and_channel_counts(trained):
     model, splits = trained
-    df = run_sweep(model, splits, quick(ratios=[0.0, 0.7], finetune_epochs=1, finetune_lr=0.01), TRAIN, progress=False)
-    row = df.set_index("ratio").loc[0.7]
-    assert 0 <= row.accuracy_no_finetune <= 1 and 0 <= row.accuracy <= 1
-    assert df.set_index("ratio").loc[0.0].isna()["accuracy_no_finetune"]  # nothing to fine-tune at 0
+    cfg = quick()
+    teacher = model.eval()
+    pruned = compress.prune(model, "layer_l1", 0.5)
+    tuned = finetune(pruned, splits.train, TRAIN, 1, 0.01, distillation_loss(teacher, cfg))
+    assert sparsity(compress.make_permanent(tuned)) == pytest.approx(0.5, abs=1e-3)
+    assert not torch.equal(tuned.fc.weight_orig, pruned.fc.weight_orig)  # it trained
+    narrow = compress.prune(model, "channel_l1", 0.3)
+    tuned = finetune(narrow, splits.train, TRAIN, 1, 0.01, distillation_loss(teacher, cfg))
+    assert _channels(tuned) == _channels(narrow)
+
+
+def _channels(model: torch.nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+@pytest.mark.parametrize("round_to", [1, 8, 16])
+def test_channel_counts_are_multiples_of_round_to(trained, round_to):
+    model, _ = trained
+    for ratio in (0.1, 0.3, 0.45):
+        kept = _channels(compress.prune(model, "channel_l1", ratio, round_to=round_to))
+        assert all(c % round_to == 0 for c in kept), (ratio, kept)
+        assert all(c <= full * (1 - ratio) + round_to for c, full in zip(kept, _channels(model)))
+
+
+def test_distillation_loss_pulls_towards_the_teacher():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).eval()
+    loss = distillation_loss(teacher, quick(distill_weight=1.0))
+    assert loss(teacher(x), x, y).item() == pytest.approx(0.0, abs=1e-5)  # KL to itself
+    assert loss(torch.zeros(8, 10), x, y).item() > 0.0
+    hard = distillation_loss(teacher, quick(distill_weight=0.0))
+    assert hard(teacher(x), x, y).item() == pytest.approx(torch.nn.functional.cross_entropy(teacher(x), y).item())
+
+
+def test_finetuning_gives_the_dense_point_equal_compute(trained):
+    model, splits = trained
+    cfg = quick(methods=["global_l1", "channel_l1"], ratios=[0.0, 0.7], finetune_epochs=1)
+    df = run_sweep(model, splits, cfg, TRAIN, progress=False)
+    assert (df.finetune_epochs == 1).all() and df.accuracy_no_finetune.notna().all()
+    dense = df[df.ratio == 0.0]
+    assert len(dense) == 2 and dense.accuracy.nunique() == 1  # fine-tuned once, the same for every method
+    # the row's "before" is the trained model; its accuracy is the model after the same epochs as the pruned points
+    assert dense.accuracy_no_finetune.iloc[0] == evaluate(model, splits.val.__class__(splits.val.x[:30], splits.val.y[:30]))
+    plain = run_sweep(model, splits, quick(ratios=[0.0, 0.7]), TRAIN, progress=False)
+    assert (plain.finetune_epochs == 0).all() and plain.accuracy_no_finetune.isna().all()
+
+
+def test_qat_int8_rows_keep_the_mask(trained):
+    model, splits = trained
+    cfg = quick(methods=["global_l1"], ratios=[0.5], int8=True, int8_mode="qat", finetune_epochs=1)
+    df = run_sweep(model, splits, cfg, TRAIN, progress=False)
+    q = df[df.int8].iloc[0]
+    assert q.sparsity >= 0.5 - 1e-3  # QAT did not revive pruned weights
+    assert 0 <= q.accuracy <= 1 and q.size_mb < 0.5 * df[~df.int8].iloc[0].size_mb  # INT8 weights
 
 
 @pytest.mark.parametrize("kw, msg", [({"methods": ["magic"]}, "unknown compression method 'magic'"),

@@ -1,12 +1,18 @@
 """Trained dense model x (method, ratio[, int8]) -> one pandas row per point.
 
 For every point: prune a copy of the trained weights (in the plain layout, whatever the
-model trained in), evaluate it in fp32 as it ships without retraining
-(``accuracy`` on the validation split, ``test_accuracy`` on the test split), optionally
-fine-tune it with its mask fixed and evaluate again, bake the mask in, and measure what
-would ship: sparsity, nonzero parameters, compressed size, MACs and CPU batch-1 latency
-(plus GPU batched throughput on CUDA). With ``int8`` every point is measured a second time
-with post-training static INT8 on top.
+model trained in) and evaluate it in fp32 as it ships (``accuracy`` on the validation split,
+``test_accuracy`` on the test split); with ``finetune_epochs`` fine-tune it first, then bake
+the mask in and measure what would ship: sparsity, nonzero parameters, compressed size, MACs
+and CPU batch-1 latency (plus GPU batched throughput on CUDA). With ``int8`` every point is
+measured a second time with INT8 on top (post-training, or quantization-aware fine-tuning).
+
+Fine-tuning (``finetune_epochs > 0``) keeps unstructured masks and channel counts fixed and,
+with ``distill``, learns from the dense model's soft predictions as well as the labels
+(knowledge distillation: ``(1 - w) * CE + w * T^2 * KL(teacher_T || student_T)``; the teacher is
+the dense model after its own fine-tuning epochs). Accuracy is compared at equal compute: the
+dense point (ratio 0) gets the same epochs of plain continued training, so a drop is never the
+fine-tuning's extra epochs. ``accuracy_no_finetune`` keeps the before.
 
 Latency is a property of the architecture, not of the weights (DESIGN.md), so it is measured
 once per :func:`trainables.compress.architecture_signature` and cached in ``latency_cache``;
@@ -17,17 +23,20 @@ measures each ratio separately to show that this is what the hardware does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, MutableMapping
+from typing import Any, Callable, Literal, MutableMapping
 
 import pandas as pd
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from trainables import compress, measure
+from trainables import compress, measure, ort
 from trainables.data import Split, Splits, normalize
 from trainables.train import (
-    TrainConfig, evaluate, for_training, make_optimizer, make_scheduler, plain_layout, train_one_epoch,
+    LossFn, TrainConfig, evaluate, for_training, make_optimizer, make_scheduler, plain_layout, train_one_epoch,
 )
 
 
@@ -37,9 +46,16 @@ class SweepConfig:
 
     methods: list[str] = field(default_factory=lambda: ["global_l1"])
     ratios: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8])
+    runtime: Literal["torch", "onnxruntime"] = "torch"  # what latency and accuracy are measured in
     int8: bool = False  # also measure every point with INT8 on top
-    finetune_epochs: int = 0  # fine-tune each pruned model (mask fixed) before measuring
-    finetune_lr: float = 0.001
+    int8_mode: Literal["ptq", "qat"] = "ptq"  # qat: fine-tuned points get qat_epochs of quantization-aware training
+    qat_epochs: int = 1
+    finetune_epochs: int = 0  # fine-tune every point (mask / channels fixed; ratio 0 too, for equal compute)
+    finetune_lr: float = 0.01
+    distill: bool = True  # pruned points learn from the dense model's soft predictions too
+    distill_weight: float = 0.7  # w in (1 - w) * CE + w * T^2 * KL
+    distill_temperature: float = 4.0
+    round_to: int = compress.ROUND_TO  # channel_l1 keeps channel counts multiples of this
     eval_size: int = 0  # evaluate on at most this many validation / test images; 0 = all
     latency_threads: int = 1
     latency_runs: int = 50
@@ -50,27 +66,62 @@ class SweepConfig:
 
 # Column order of the sweep table; metric names as in DESIGN.md.
 COLUMNS = [
-    "method", "ratio", "int8", "accuracy", "test_accuracy", "accuracy_no_finetune",
+    "method", "ratio", "int8", "finetune_epochs", "accuracy", "test_accuracy", "accuracy_no_finetune",
     "test_accuracy_no_finetune", "sparsity", "nonzero_params", "size_mb", "macs", "latency_ms",
-    "latency_p90_ms", "latency_cv", "latency_speedup", "throughput_ips", "arch", "cpu", "threads",
+    "latency_p90_ms", "latency_cv", "latency_speedup", "throughput_ips", "arch", "cpu", "threads", "runtime", "error",
 ]
 
 
-def finetune(model: nn.Module, split: Split, cfg: TrainConfig, epochs: int, lr: float) -> nn.Module:
-    """Fine-tune a pruned copy for ``epochs`` with a cosine schedule.
+def distillation_loss(teacher: nn.Module, cfg: SweepConfig, label_smoothing: float = 0.0) -> LossFn:
+    """``(1 - w) * CE(student, labels) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))``
+    on each batch, the teacher (in eval mode, no gradients) seeing the same augmented images."""
+    w, t = cfg.distill_weight, cfg.distill_temperature
+    ce = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def loss(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = F.softmax(teacher(x).float() / t, dim=1)
+        kd = F.kl_div(F.log_softmax(out.float() / t, dim=1), soft, reduction="batchmean") * t * t
+        return (1 - w) * ce(out, y) + w * kd
+
+    return loss
+
+
+def finetune(model: nn.Module, split: Split, cfg: TrainConfig, epochs: int, lr: float,
+             loss_fn: LossFn | None = None) -> nn.Module:
+    """Fine-tune a copy of ``model`` for ``epochs`` (SGD, cosine schedule from ``lr``).
 
     Unstructured masks stay fixed: torch's prune reparametrisation multiplies ``weight_orig``
     by the mask in every forward, so pruned weights stay exactly zero (their gradient is zero
-    and they are recomputed from the mask).
+    and they are recomputed from the mask). A channel-pruned model keeps its channel counts.
+    ``loss_fn`` (e.g. :func:`distillation_loss`) replaces the label-smoothed cross-entropy.
     """
     device = split.x.device
     model = for_training(compress.clone(model).to(device), device, cfg.amp)
+    _train(model, split, cfg, epochs, lr, loss_fn)
+    return plain_layout(model).eval()
+
+
+def quantization_aware(model: nn.Module, split: Split, cfg: TrainConfig, epochs: int, lr: float,
+                       loss_fn: LossFn | None = None) -> nn.Module:
+    """INT8 by quantization-aware fine-tuning: fake-quantize ``model`` (masks baked in), train it
+    ``epochs`` in fp32 with pruned zeros held at zero, convert to the INT8 CPU model."""
+    device = split.x.device
+    prepared = compress.prepare_qat(model).to(device)
+    for p in prepared.parameters():  # unstructured zeros stay zeros (no-op for dense weights)
+        if p.dim() > 1 and bool((p == 0).any()):
+            keep = (p != 0).to(p.dtype)
+            p.register_hook(lambda grad, keep=keep: grad * keep)
+    _train(prepared, split, dataclasses.replace(cfg, amp=False), epochs, lr, loss_fn)
+    return compress.convert_int8(prepared)
+
+
+def _train(model: nn.Module, split: Split, cfg: TrainConfig, epochs: int, lr: float, loss_fn: LossFn | None) -> None:
     ft = dataclasses.replace(cfg, epochs=epochs, lr=lr, schedule="cosine", optimizer="sgd")
     opt = make_optimizer(model, ft)
     sched = make_scheduler(opt, ft, max(1, len(split) // ft.batch_size))
     for epoch in range(1, epochs + 1):
-        train_one_epoch(model, split, opt, sched, ft, 10_000 + epoch)
-    return plain_layout(model).eval()
+        train_one_epoch(model, split, opt, sched, ft, 10_000 + epoch, loss_fn)
 
 
 def _head(split: Split, n: int) -> Split:
@@ -81,6 +132,133 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="sweep", unit="point", file=sys.stderr, disable=not enabled, leave=False)
+
+
+@dataclass
+class _Shipped:
+    """One variant of a point as it would ship, with its (validation, test) accuracy."""
+
+    int8: bool
+    model: nn.Module  # fp32 or torch INT8; sparsity, nonzero parameters and MACs are read off it
+    accuracy: tuple[float, float]
+    onnx: ort.OrtModel | None = None  # runtime = "onnxruntime": what is evaluated, timed and sized
+
+
+class _Sweep:
+    """What every point of one sweep shares: the dense model (its evaluation, its fine-tuned
+    twin, its role as teacher), the evaluation splits, the calibration images, the latency cache."""
+
+    def __init__(self, model: nn.Module, splits: Splits, cfg: SweepConfig, train_cfg: TrainConfig,
+                 cache: MutableMapping[str, dict[str, Any]]) -> None:
+        self.model, self.splits, self.cfg, self.train_cfg, self.cache = model, splits, cfg, train_cfg, cache
+        self.val, self.test = _head(splits.val, cfg.eval_size), _head(splits.test, cfg.eval_size)
+        self.calibration = normalize(splits.train.x[: cfg.calibration_size].cpu())
+        self.dense_accuracy = self.accuracy(model)
+        self._dense: list[_Shipped] | None = None
+
+    @functools.cached_property
+    def _cpu_splits(self) -> tuple[Split, Split]:
+        return self.val.to("cpu"), self.test.to("cpu")
+
+    @functools.cached_property
+    def _teacher(self) -> nn.Module:
+        """The best dense model at hand: with fine-tuning, the dense one after the same epochs
+        (a 3-epoch quickstart model distilled into its pruned copies dragged them below their
+        no-retrain accuracy; its own continued training had gained 30 points)."""
+        dense = self.variants(self.cfg.methods[0], 0.0)[1][0].model if self.cfg.finetune_epochs else self.model
+        device = self.splits.train.x.device
+        return for_training(compress.clone(dense).to(device), device, self.train_cfg.amp).eval()
+
+    def accuracy(self, m: nn.Module | ort.OrtModel) -> tuple[float, float]:
+        """(validation, test) accuracy: torch fp32 on the sweep's device, INT8 and ORT on the CPU."""
+        if isinstance(m, ort.OrtModel):
+            return m.evaluate(self.val), m.evaluate(self.test)
+        val, test = self._cpu_splits if compress.is_quantized(m) else (self.val, self.test)
+        bs = self.train_cfg.eval_batch_size
+        return evaluate(m, val, bs), evaluate(m, test, bs)
+
+    def latency(self, shipped: _Shipped) -> dict[str, Any]:
+        """Timed once per architecture (and runtime), then taken from the cache."""
+        c, m = self.cfg, shipped.model
+        key = compress.architecture_signature(m)
+        if shipped.onnx is not None:
+            key += f"/onnxruntime{'-int8' if shipped.int8 else ''}"
+        if key not in self.cache:
+            if shipped.onnx is None:
+                entry = measure.cpu_latency(m, threads=c.latency_threads, runs=c.latency_runs, warmup=c.latency_warmup)
+                entry["throughput_ips"] = measure.gpu_throughput(m)
+            else:
+                entry = shipped.onnx.latency(runs=c.latency_runs, warmup=c.latency_warmup)
+            entry.pop("runs", None)
+            self.cache[key] = entry  # a shared cache may keep an earlier trial's entry instead
+        return {"arch": key, **self.cache[key]}
+
+    def describe(self, shipped: _Shipped, **known: Any) -> dict[str, Any]:
+        m = shipped.model
+        size = measure.size_mb(m) if shipped.onnx is None else shipped.onnx.size_mb()
+        return {**known, "int8": shipped.int8, "accuracy": shipped.accuracy[0], "test_accuracy": shipped.accuracy[1],
+                "sparsity": measure.sparsity(m), "nonzero_params": measure.nonzero_params(m), "size_mb": size,
+                "macs": measure.macs(m), **self.latency(shipped), "runtime": self.cfg.runtime}
+
+    def ship(self, fp32: nn.Module, accuracy: tuple[float, float], int8: Callable[[], nn.Module] | None,
+             name: str) -> list[_Shipped]:
+        """The fp32 model (accuracy known for torch) and its INT8 (``int8`` makes the torch one) in the runtime."""
+        if self.cfg.runtime == "torch":
+            out = [_Shipped(False, fp32, accuracy)]
+            if int8 is not None:
+                q = int8()
+                out.append(_Shipped(True, q, self.accuracy(q)))
+            return out
+        onnx = ort.export(fp32, self.cfg.latency_threads, name)
+        out = [_Shipped(False, fp32, self.accuracy(onnx), onnx)]
+        if int8 is not None:
+            q = ort.quantize(onnx, self.calibration, name)
+            out.append(_Shipped(True, fp32, self.accuracy(q), q))
+        return out
+
+    def variants(self, method: str, ratio: float) -> tuple[tuple[float, float], list[_Shipped]]:
+        """The accuracy before fine-tuning, and the point as it ships: fp32, and INT8 when asked."""
+        if ratio == 0.0 and self._dense is not None:
+            return self.dense_accuracy, self._dense  # the dense point is the same whatever the method
+        c, epochs = self.cfg, self.cfg.finetune_epochs
+        pruned = compress.prune(self.model, method, ratio, seed=c.seed, round_to=c.round_to)
+        before = self.dense_accuracy if ratio == 0.0 else self.accuracy(pruned)
+        loss_fn = None  # the dense point: plain continued training, the equal-compute reference
+        if epochs and ratio > 0.0 and c.distill:
+            loss_fn = distillation_loss(self._teacher, c, self.train_cfg.label_smoothing)
+        if epochs:
+            pruned = finetune(pruned, self.splits.train, self.train_cfg, epochs, c.finetune_lr, loss_fn)
+        fp32 = compress.make_permanent(pruned).cpu().eval()
+
+        def int8() -> nn.Module:
+            if epochs and c.int8_mode == "qat":
+                return quantization_aware(fp32, self.splits.train, self.train_cfg, c.qat_epochs, c.finetune_lr / 10,
+                                          loss_fn)
+            return compress.quantize_int8(fp32, self.calibration)
+
+        out = self.ship(fp32, self.accuracy(pruned) if epochs else before, int8 if c.int8 else None,
+                        f"{method} at ratio {ratio:g}")
+        if ratio == 0.0:
+            self._dense = out
+        return before, out
+
+    def points(self, method: str, ratio: float) -> list[dict[str, Any]]:
+        row: dict[str, Any] = {"method": method, "ratio": ratio, "finetune_epochs": self.cfg.finetune_epochs}
+        try:
+            before, variants = self.variants(method, ratio)
+        except ort.OrtError as e:  # one point ORT cannot take; the others go on
+            print(f"sweep: {e}; the sweep goes on with the other points", file=sys.stderr, flush=True)
+            return [{**row, "int8": False, "runtime": self.cfg.runtime, "error": str(e)}]
+        if self.cfg.finetune_epochs:
+            row["accuracy_no_finetune"], row["test_accuracy_no_finetune"] = before
+        return [self.describe(v, **row) for v in variants]
+
+    def dense_latency(self) -> float:
+        """Latency of the dense fp32 model in the sweep's runtime (the architecture, whatever its weights)."""
+        if self._dense:
+            return self.latency(self._dense[0])["latency_ms"]
+        m = compress.make_permanent(self.model).cpu().eval()
+        return self.latency(self.ship(m, self.dense_accuracy, None, "the dense model")[0])["latency_ms"]
 
 
 def run_sweep(
@@ -105,55 +283,17 @@ def run_sweep(
     for r in cfg.ratios:
         if not 0.0 <= r < 1.0:
             raise ValueError(f"prune ratio {r} is outside [0, 1)")
-    train_cfg = train_cfg or TrainConfig()
-    cache = {} if latency_cache is None else latency_cache
-    val, test = _head(splits.val, cfg.eval_size), _head(splits.test, cfg.eval_size)
-    val_cpu, test_cpu = val.to("cpu"), test.to("cpu")
-    calibration = normalize(splits.train.x[: cfg.calibration_size].cpu())
-    bs = train_cfg.eval_batch_size
-    dense_acc = (evaluate(model, val, bs), evaluate(model, test, bs))  # the dense model, once
+    sweep = _Sweep(model, splits, cfg, train_cfg or TrainConfig(), {} if latency_cache is None else latency_cache)
     rows: list[dict[str, Any]] = []
-
-    def latency_of(m: nn.Module) -> dict[str, Any]:
-        key = compress.architecture_signature(m)
-        if key not in cache:
-            entry = measure.cpu_latency(m, threads=cfg.latency_threads, runs=cfg.latency_runs, warmup=cfg.latency_warmup)
-            entry["throughput_ips"] = measure.gpu_throughput(m)
-            cache[key] = entry  # a shared cache may keep an earlier trial's entry instead
-        return {"arch": key, **cache[key]}
-
-    def describe(m: nn.Module, **known: Any) -> dict[str, Any]:
-        row = {
-            **known, "sparsity": measure.sparsity(m), "nonzero_params": measure.nonzero_params(m),
-            "size_mb": measure.size_mb(m), "macs": measure.macs(m), **latency_of(m),
-        }
-        row.pop("runs", None)
-        return row
-
-    n_points = len(cfg.methods) * len(cfg.ratios) * (2 if cfg.int8 else 1)
-    with _progress(n_points, progress) as bar:
+    with _progress(len(cfg.methods) * len(cfg.ratios) * (2 if cfg.int8 else 1), progress) as bar:
         for method in cfg.methods:
             for ratio in cfg.ratios:
-                pruned = compress.prune(model, method, ratio, seed=cfg.seed)
-                acc = dense_acc if ratio == 0.0 else (evaluate(pruned, val, bs), evaluate(pruned, test, bs))
-                row: dict[str, Any] = {"method": method, "ratio": ratio}
-                if cfg.finetune_epochs > 0 and ratio > 0.0:
-                    row["accuracy_no_finetune"], row["test_accuracy_no_finetune"] = acc
-                    pruned = finetune(pruned, splits.train, train_cfg, cfg.finetune_epochs, cfg.finetune_lr)
-                    acc = (evaluate(pruned, val, bs), evaluate(pruned, test, bs))
-                shipped = compress.make_permanent(pruned).cpu().eval()
-                variants = [(False, shipped, acc)]
-                if cfg.int8:
-                    q = compress.quantize_int8(shipped, calibration)
-                    variants.append((True, q, (evaluate(q, val_cpu, bs), evaluate(q, test_cpu, bs))))
-                for int8, m, (a, ta) in variants:
-                    point = describe(m, **row, int8=int8, accuracy=a, test_accuracy=ta)
+                for point in sweep.points(method, ratio):
                     rows.append(point)
                     if on_point is not None:
                         on_point(point)
                     bar.update()
-                    bar.set_postfix(method=method, ratio=ratio, acc=f"{a:.3f}")
-
-    df = pd.DataFrame(rows)
-    df["latency_speedup"] = latency_of(compress.make_permanent(model).cpu())["latency_ms"] / df.latency_ms
-    return df.reindex(columns=COLUMNS)
+                    bar.set_postfix(method=method, ratio=ratio, acc=f"{point.get('accuracy', float('nan')):.3f}")
+    df = pd.DataFrame(rows).reindex(columns=COLUMNS)
+    df["latency_speedup"] = sweep.dense_latency() / df.latency_ms
+    return df
