@@ -7,11 +7,14 @@ The only module of ``trainables`` that imports Ray. One trial:
 2. trains with the trial's sampled ``lr`` (and any other searched keys), reporting
    ``val_accuracy``, ``train_loss``, ``epoch`` and ``images_per_second`` every epoch with a
    checkpoint (one kept per trial);
-3. sweeps the experiment's (method, ratio[, int8]) grid plus the trial's own sampled
-   ``prune_ratio`` on the trained weights, with latencies shared across trials through the
-   :class:`LatencyCache` actor;
-4. reports the objectives at its own ``(method, prune_ratio)`` and the whole sweep table
-   (``sweep_json``), which the searcher feeds back to Optuna.
+3. sweeps the experiment's (method, ratio[, int8]) grid on the trained weights without
+   retraining (the cheap curve) and builds its deployable points: its own sampled
+   ``(method, prune_ratio)`` pruned and fine-tuned for ``[search] finetune_epochs`` with
+   distillation from the trained weights, and the dense model given the same epochs (the
+   equal-compute reference), fp32 and INT8; latencies are shared across trials through the
+   :class:`LatencyCache` actor (provisional: the driver re-measures the front quietly);
+4. reports the objectives at its own deployable point (``accuracy_no_finetune`` beside) and
+   the whole table (``sweep_json``), from which the searcher feeds Optuna.
 
 A diverging lr ends the trial with ``phase = "diverged"`` and no objectives (Optuna records it
 as pruned); the search goes on. The trial uses exactly the CPUs (threads) and GPU Ray gave it.
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import ray
 import torch
 from ray import tune
@@ -109,6 +113,22 @@ def _resources(requested: str = "auto") -> tuple[int, torch.device]:
     return threads, torch.device("cuda")
 
 
+def _sweep(model: torch.nn.Module, splits: Splits, cfg: SweepConfig, train_cfg: TrainConfig, cache: Any,
+           method: str, ratio: float, finetune_epochs: int) -> pd.DataFrame:
+    """The trial's points: the cheap no-retrain curve over the ``[sweep]`` grid, and the
+    deployable ones: its own (method, ratio) pruned and fine-tuned with distillation from the
+    trained weights, beside the dense model given the same epochs (the equal-compute
+    reference), each in fp32 and, when ``[sweep] int8``, INT8. Without fine-tuning the
+    trial's own point is one more point of the curve."""
+    if not finetune_epochs:
+        grid = dataclasses.replace(cfg, ratios=sorted(set(cfg.ratios) | {ratio}))
+        return run_sweep(model, splits, grid, train_cfg, latency_cache=cache, progress=False)
+    curve = run_sweep(model, splits, cfg, train_cfg, latency_cache=cache, progress=False)
+    deployable = dataclasses.replace(cfg, methods=[method], ratios=sorted({0.0, ratio}), finetune_epochs=finetune_epochs)
+    shipped = run_sweep(model, splits, deployable, train_cfg, latency_cache=cache, progress=False)
+    return pd.concat([curve, shipped], ignore_index=True)
+
+
 def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]) -> None:
     """Function trainable; ``splits`` and ``spec`` come once per search via ``tune.with_parameters``."""
     # one "Checkpoint successfully created" line per epoch per trial drowns the progress table
@@ -154,14 +174,15 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
         tune.report({**base, "phase": "diverged", "epoch": e.epoch, "error": str(e)})
         return
 
-    grid = dataclasses.replace(sweep_cfg, ratios=sorted(set(sweep_cfg.ratios) | {ratio}))
     try:  # created by the search driver; absent when the trainable runs on its own
         cache: Any = _SharedCache(ray.get_actor(LATENCY_CACHE))
     except ValueError:
         cache = {}
-    df = run_sweep(model.eval(), splits, grid, train_cfg, latency_cache=cache, progress=False)
-
-    own = df[(df.method == method) & (df.ratio == ratio) & (df.int8 == int8)].iloc[0].to_dict()
+    epochs = spec["search"]["finetune_epochs"]
+    df = _sweep(model.eval(), splits, sweep_cfg, train_cfg, cache, method, ratio, epochs)
+    epochs = epochs or sweep_cfg.finetune_epochs  # without [search] fine-tuning the own point is on the curve
+    own = df[(df.method == method) & (df.ratio == ratio) & (df.int8 == int8) & (df.finetune_epochs == epochs)]
+    own = own.iloc[0].to_dict()
     own.pop("method"), own.pop("ratio"), own.pop("int8")
     if device.type == "cuda":  # what the trial needed of its GPU share
         base["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6

@@ -137,6 +137,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         changes["int8"] = True
     if args.finetune_epochs is not None:
         changes["finetune_epochs"] = args.finetune_epochs
+    if args.no_distill:
+        changes["distill"] = False
+    if args.int8_mode:
+        changes["int8_mode"] = args.int8_mode
     if args.eval_size is not None:
         changes["eval_size"] = args.eval_size
     raw = spec.to_dict()
@@ -145,7 +149,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = spec.sweep
     print(
         f"sweeping {args.checkpoint}: methods {', '.join(cfg.methods)}; ratios {cfg.ratios}; "
-        f"int8 {'on+off' if cfg.int8 else 'off'}; fine-tune {cfg.finetune_epochs} epochs; "
+        f"int8 {cfg.int8_mode + ' on+off' if cfg.int8 else 'off'}; fine-tune {cfg.finetune_epochs} epochs"
+        f"{' with distillation' if cfg.finetune_epochs and cfg.distill else ''}; "
         f"latency: CPU batch 1, {cfg.latency_threads} thread(s), median of {cfg.latency_runs}",
         flush=True,
     )
@@ -357,7 +362,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", help="comma list of global_l1, layer_l1, global_random, channel_l1")
     s.add_argument("--ratios", help="start:stop:step (stop included, e.g. 0:0.8:0.05) or a comma list")
     s.add_argument("--int8", action="store_true", help="measure every point also with INT8 on top")
-    s.add_argument("--finetune-epochs", type=int, help="fine-tune each pruned model (mask fixed)")
+    s.add_argument("--finetune-epochs", type=int, help="fine-tune every point (mask / channels fixed; the dense "
+                   "point gets the same epochs, for equal compute)")
+    s.add_argument("--no-distill", action="store_true", help="fine-tune on the labels only (default: also "
+                   "distil from the dense model)")
+    s.add_argument("--int8-mode", choices=["ptq", "qat"], help="INT8 of fine-tuned points: post-training "
+                   "calibration (ptq) or quantization-aware fine-tuning (qat)")
     s.add_argument("--eval-size", type=int, help="evaluate on at most N validation/test images")
     out = s.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON array (one object per point) last")

@@ -45,6 +45,7 @@ class SearchConfig:
     sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"  # grid: grid_lrs x [sweep] ratios
     grid_lrs: list[float] = field(default_factory=list)
     seed: int = 0
+    finetune_epochs: int = 2  # the trial's own point: pruned, then fine-tuned (distilled) this many epochs; 0 = off
     sweep_feedback: bool = True  # every sweep point becomes a completed Optuna trial
     asha: bool = False  # early-stop trials on val_accuracy during training
     cpus_per_trial: float = 1.0
@@ -148,7 +149,14 @@ def _validate_ranges(spec: Spec) -> None:
         need(m in METHODS, f"[sweep] unknown method {m!r}; methods: {', '.join(METHODS)}")
     for r in s.ratios:
         need(0.0 <= r < 1.0, f"[sweep] ratio {r} is outside [0, 1); use e.g. ratios = [0.0, 0.5, 0.8]")
-    need(s.finetune_epochs >= 0, "[sweep] finetune_epochs must be >= 0")
+    need(s.finetune_epochs >= 0 and q.finetune_epochs >= 0, "[sweep] and [search] finetune_epochs must be >= 0")
+    need(s.finetune_lr > 0, f"[sweep] finetune_lr must be > 0, got {s.finetune_lr}")
+    need(0.0 <= s.distill_weight <= 1.0, f"[sweep] distill_weight must be in [0, 1], got {s.distill_weight}")
+    need(s.distill_temperature > 0, f"[sweep] distill_temperature must be > 0, got {s.distill_temperature}")
+    need(s.qat_epochs >= 1, f"[sweep] qat_epochs must be >= 1, got {s.qat_epochs}")
+    need(s.runtime == "torch" or s.int8_mode == "ptq", "[sweep] int8_mode = 'qat' makes torch INT8 models; with "
+         "runtime = 'onnxruntime' INT8 comes from ONNX Runtime's static quantization: use int8_mode = 'ptq'")
+    need(s.round_to >= 1, f"[sweep] round_to must be >= 1 (1 = no rounding), got {s.round_to}")
     need(s.latency_runs >= 1 and s.latency_threads >= 1, "[sweep] latency_runs and latency_threads must be >= 1")
     need(q.num_samples >= 1, "[search] num_samples must be >= 1")
     need(q.register_models >= 0, "[search] register_models must be >= 0 (0 = register none)")
