@@ -11,12 +11,16 @@ import platform
 import statistics
 import time
 import zipfile
+from typing import Callable, Hashable, Mapping, TypeVar
 
 import torch
 import torch.nn as nn
 import torch.ao.nn.quantized as nnq
 
 from trainables.compress import clone, is_quantized, make_permanent
+from trainables.ort import OrtModel
+
+K = TypeVar("K", bound=Hashable)
 
 _INPUT_SHAPE = (3, 32, 32)
 _CONV_TYPES = (nn.Conv2d, nnq.Conv2d)
@@ -117,7 +121,7 @@ def macs(model: nn.Module) -> int:
 
 
 def cpu_latency(
-    model: nn.Module,
+    model: nn.Module | OrtModel,
     *,
     threads: int = 1,
     runs: int = 50,
@@ -132,26 +136,61 @@ def cpu_latency(
     ``latency_cv`` (std/mean of the runs), ``threads``, ``runs`` and ``cpu`` (model name),
     since a latency means nothing without the machine it was taken on. A GPU model is
     copied to CPU, in the plain (contiguous) layout: the one every model is shipped and
-    re-derived in, so a latency cached by architecture means one thing. Time a masked model after ``compress.make_permanent``: the mask hooks
-    otherwise add their own cost.
+    re-derived in, so a latency cached by architecture means one thing. Time a masked model after
+    ``compress.make_permanent``: the mask hooks otherwise add their own cost. An
+    :class:`trainables.ort.OrtModel` is timed in its own session (its thread count).
     """
-    if runs < 1 or warmup < 0 or threads < 1 or batch_size < 1:
-        raise ValueError("runs, threads and batch_size must be >= 1 and warmup >= 0")
-    timed = clone(model).cpu().eval().to(memory_format=torch.contiguous_format)  # the layout that ships
-    inputs = torch.randn(batch_size, *_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    return interleaved_latency({0: model}, threads=threads, runs=runs, warmup=warmup, rounds=1,
+                               batch_size=batch_size)[0]
+
+
+def interleaved_latency(
+    models: Mapping[K, nn.Module | OrtModel],
+    *,
+    threads: int = 1,
+    runs: int = 100,
+    warmup: int = 10,
+    rounds: int = 10,
+    batch_size: int = 1,
+) -> dict[K, dict]:
+    """Time several models in turn: ``rounds`` rounds, each running every model ``runs / rounds``
+    times after ``warmup / rounds`` untimed passes, so a slow drift of the machine (frequency,
+    a neighbour on the host) shifts every model alike instead of whichever was timed during it.
+    Returns what :func:`cpu_latency` returns, per key. The quiet re-measurement of a search's
+    front uses this, on cores where nothing else runs."""
+    if runs < 1 or warmup < 0 or threads < 1 or batch_size < 1 or rounds < 1:
+        raise ValueError("runs, threads, rounds and batch_size must be >= 1 and warmup >= 0")
+    forwards = {key: _forward(m, batch_size) for key, m in models.items()}
+    per_round, warm = max(1, runs // rounds), -(-warmup // rounds)
+    seconds: dict[K, list[float]] = {key: [] for key in models}
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            for _ in range(warmup):
-                timed(inputs)
-            seconds = []
-            for _ in range(runs):
-                start = time.perf_counter()
-                timed(inputs)
-                seconds.append(time.perf_counter() - start)
+            for _ in range(rounds):
+                for key, forward in forwards.items():
+                    for _ in range(warm):
+                        forward()
+                    for _ in range(per_round):
+                        start = time.perf_counter()
+                        forward()
+                        seconds[key].append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous_threads)
+    return {key: _stats(seconds[key], getattr(models[key], "threads", threads)) for key in models}
+
+
+def _forward(model: nn.Module | OrtModel, batch_size: int) -> Callable[[], object]:
+    """One inference of ``model`` on a fixed random batch, as a call."""
+    inputs = torch.randn(batch_size, *_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    if isinstance(model, OrtModel):
+        feed = {OrtModel.INPUT: inputs.numpy()}
+        return lambda: model.session.run(None, feed)
+    timed = clone(model).cpu().eval().to(memory_format=torch.contiguous_format)  # the layout that ships
+    return lambda: timed(inputs)
+
+
+def _stats(seconds: list[float], threads: int) -> dict:
     ms = sorted(s * 1e3 for s in seconds)
     mean = statistics.fmean(ms)
     return {
@@ -159,7 +198,7 @@ def cpu_latency(
         "latency_p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))],
         "latency_cv": statistics.pstdev(ms) / mean if mean > 0 else 0.0,
         "threads": threads,
-        "runs": runs,
+        "runs": len(ms),
         "cpu": _cpu_name(),
     }
 

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import io
 import os
-import statistics
 import tempfile
-import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -36,6 +34,8 @@ class OrtError(RuntimeError):
 
 class OrtModel:
     """A serialised ONNX model and a CPU session over it."""
+
+    INPUT = INPUT
 
     def __init__(self, onnx_bytes: bytes, threads: int = 1, name: str = "model") -> None:
         import onnxruntime as ort
@@ -65,22 +65,10 @@ class OrtModel:
         return correct / max(len(split), 1)
 
     def latency(self, *, runs: int = 50, warmup: int = 10, batch_size: int = 1) -> dict:
-        """The same statistics as :func:`trainables.measure.cpu_latency`, timed in this session."""
-        from trainables.measure import _cpu_name
+        """:func:`trainables.measure.cpu_latency` of this session (its own thread count)."""
+        from trainables.measure import cpu_latency
 
-        x = {INPUT: np.random.default_rng(0).standard_normal((batch_size, 3, 32, 32), dtype=np.float32)}
-        for _ in range(warmup):
-            self.session.run(None, x)
-        ms = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            self.session.run(None, x)
-            ms.append((time.perf_counter() - start) * 1e3)
-        ms.sort()
-        mean = statistics.fmean(ms)
-        return {"latency_ms": statistics.median(ms), "latency_p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))],
-                "latency_cv": statistics.pstdev(ms) / mean if mean > 0 else 0.0, "threads": self.threads,
-                "runs": runs, "cpu": _cpu_name()}
+        return cpu_latency(self, threads=self.threads, runs=runs, warmup=warmup, batch_size=batch_size)
 
     def size_mb(self) -> float:
         """Bytes of the .onnx file, zip-deflated (level 1) like ``measure.size_mb``, in MB."""
