@@ -31,10 +31,10 @@ import torch
 from ray import tune
 
 from trainables.data import Splits
+from trainables.names import CHECKPOINT_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN
 from trainables.sweep import SweepConfig, run_sweep
 from trainables.train import Diverged, TrainConfig, fit, load_checkpoint, model_from_checkpoint
 
-CHECKPOINT_FILE = "checkpoint.pt"
 LATENCY_CACHE = "prunetune_latency_cache"
 
 
@@ -116,8 +116,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
     ckpt_path = workdir / CHECKPOINT_FILE
 
     def report_epoch(m: dict[str, float]) -> None:
-        metrics = {**base, "phase": "train", "epoch": int(m["epoch"]), "val_accuracy": m["val_accuracy"],
-                   "train_loss": m["train_loss"], "images_per_second": m["images_per_second"]}
+        metrics = {**base, PHASE: TRAIN, "epoch": int(m["epoch"]), **{k: m[k] for k in EPOCH_METRICS}}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(workdir)))
 
     try:
@@ -129,7 +128,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
                          meta={"spec": {**spec, "train": dataclasses.asdict(train_cfg)}, "config": config}, on_epoch=report_epoch)
             model, val_acc = result.model, result.val_accuracy
     except Diverged as e:
-        tune.report({**base, "phase": "diverged", "epoch": e.epoch, "error": str(e)})
+        tune.report({**base, PHASE: DIVERGED, "epoch": e.epoch, ERROR: str(e)})
         return
 
     grid = dataclasses.replace(sweep_cfg, ratios=sorted(set(sweep_cfg.ratios) | {ratio}))
@@ -141,6 +140,6 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
 
     own = df[(df.method == method) & (df.ratio == ratio) & (df.int8 == int8)].iloc[0].to_dict()
     own.pop("method"), own.pop("ratio"), own.pop("int8")
-    tune.report({**base, **own, "phase": "done", "epoch": train_cfg.epochs, "val_accuracy": val_acc,
+    tune.report({**base, **own, PHASE: DONE, "epoch": train_cfg.epochs, "val_accuracy": val_acc,
                  "method": method, "prune_ratio": ratio, "int8": int8, "trial_end": time.time(),
-                 "sweep_json": df.to_json(orient="records")})
+                 SWEEP_TABLE: df.to_json(orient="records")})

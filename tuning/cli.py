@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from trainables.names import CHECKPOINT_FILE
 from tuning import spec as spec_mod
 
 
@@ -60,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"resuming from {ckpt_path} after epoch {resume['epoch']}", flush=True)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        ckpt_path = Path(spec.train.output_dir) / spec.name / stamp / "checkpoint.pt"
+        ckpt_path = Path(spec.train.output_dir) / spec.name / stamp / CHECKPOINT_FILE
     print(f"checkpoint (written every epoch): {ckpt_path}", flush=True)
 
     def progress(m: dict[str, float]) -> None:

@@ -20,10 +20,9 @@ import torch
 import torch.nn as nn
 
 from trainables import compress, data
+from trainables.names import CHECKPOINT_ARTIFACT
 from trainables.train import load_checkpoint, model_from_checkpoint
 from tuning.spec import Spec, from_dict
-
-CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
 
 
 class ModelError(ValueError):

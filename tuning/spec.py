@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from trainables.compress import METHODS
 from trainables.data import DataConfig
+from trainables.names import POINT_METRICS
 from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
 
@@ -79,8 +80,6 @@ _ROOT_KEYS = {"name"}
 # Keys holding filesystem paths: relative ones are resolved against the working directory
 # at load time, so Ray workers (which run elsewhere) get absolute paths.
 _PATH_KEYS = {("data", "path"), ("data", "root"), ("train", "output_dir"), ("search", "storage_path")}
-OBJECTIVE_METRICS = ("accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "size_mb", "macs",
-                     "nonzero_params", "sparsity", "throughput_ips")
 
 
 def _type_name(tp: Any) -> str:
@@ -162,8 +161,8 @@ def _validate_ranges(spec: Spec) -> None:
     need(bool(q.objectives), "[search] objectives must not be empty")
     for o in q.objectives:
         name, _, mode = o.partition(":")
-        need(name in OBJECTIVE_METRICS and mode in ("max", "min"),
-             f"[search] objective {o!r} must be METRIC:max|min with METRIC one of {', '.join(OBJECTIVE_METRICS)}")
+        need(name in POINT_METRICS and mode in ("max", "min"),
+             f"[search] objective {o!r} must be METRIC:max|min with METRIC one of {', '.join(POINT_METRICS)}")
 
 
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:

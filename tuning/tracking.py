@@ -36,6 +36,8 @@ from typing import Any
 import pandas as pd
 from ray.tune import Callback
 
+from trainables.names import CHECKPOINT_DIR, CHECKPOINT_FILE
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 _SWEEP_METRICS = ("accuracy", "latency_ms", "size_mb")
 
@@ -209,9 +211,9 @@ class MlflowTracking(Callback):
         rid = self._child(trial)
         diverged = trial.last_result.get("phase") == "diverged"
         ckpt = getattr(trial, "checkpoint", None)
-        if not diverged and ckpt is not None and (Path(ckpt.path) / "checkpoint.pt").is_file():
+        if not diverged and ckpt is not None and (Path(ckpt.path) / CHECKPOINT_FILE).is_file():
             # the dense weights every compressed model of this trial is re-derived from
-            self.client.log_artifact(rid, str(Path(ckpt.path) / "checkpoint.pt"), "checkpoint")
+            self.client.log_artifact(rid, str(Path(ckpt.path) / CHECKPOINT_FILE), CHECKPOINT_DIR)
         self.client.set_terminated(rid, "FAILED" if diverged else "FINISHED")
 
     @_never_stop_the_search
@@ -278,7 +280,7 @@ class MlflowTracking(Callback):
         if res.hypervolume is not None:
             self.client.log_metric(self.parent_id, "pareto_hypervolume", res.hypervolume)
         if len(res.front) and len(objectives) == 2 and spec.search.register_models:
-            checkpoints = {r.trial_id: str(Path(r.checkpoint) / "checkpoint.pt")
+            checkpoints = {r.trial_id: str(Path(r.checkpoint) / CHECKPOINT_FILE)
                            for r in res.trials.itertuples() if isinstance(r.checkpoint, str)}
             aliases = models.register_front(self.uri, self.parent_id, res.front, objectives, checkpoints,
                                             self.runs, spec, splits)
