@@ -31,7 +31,8 @@ import torch
 from ray import tune
 
 from trainables.data import Splits
-from trainables.names import CHECKPOINT_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN
+from trainables.names import (CHECKPOINT_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN,
+                              CheckpointMeta)
 from trainables.sweep import SweepConfig, run_sweep
 from trainables.train import Diverged, TrainConfig, fit, load_checkpoint, model_from_checkpoint
 
@@ -124,8 +125,8 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
             model = model_from_checkpoint(resume).to(device)  # trained already; sweep only
             val_acc = resume["history"][-1]["val_accuracy"]
         else:
-            result = fit(splits, train_cfg, checkpoint_path=ckpt_path, resume=resume,
-                         meta={"spec": {**spec, "train": dataclasses.asdict(train_cfg)}, "config": config}, on_epoch=report_epoch)
+            meta = CheckpointMeta(spec={**spec, "train": dataclasses.asdict(train_cfg)}, config=config)
+            result = fit(splits, train_cfg, checkpoint_path=ckpt_path, resume=resume, meta=meta, on_epoch=report_epoch)
             model, val_acc = result.model, result.val_accuracy
     except Diverged as e:
         tune.report({**base, PHASE: DIVERGED, "epoch": e.epoch, ERROR: str(e)})

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from trainables.names import CHECKPOINT_FILE
+from trainables.names import CHECKPOINT_FILE, CheckpointMeta
 from tuning import spec as spec_mod
 
 
@@ -41,8 +41,6 @@ def _print_json(obj: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from trainables import data
     from trainables.train import fit, load_checkpoint, pick_device
 
@@ -74,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = fit(
         splits.to(device), spec.train, checkpoint_path=ckpt_path, resume=resume,
-        meta={"name": spec.name, "data": dataclasses.asdict(spec.data), "spec": spec.to_dict()},
+        meta=CheckpointMeta(spec=spec.to_dict(), config={}),
         on_epoch=progress,
     )
     print(f"test accuracy {result.test_accuracy:.4f}; checkpoint {ckpt_path}", flush=True)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from trainables import compress, data
-from trainables.names import CHECKPOINT_ARTIFACT
+from trainables.names import CHECKPOINT_ARTIFACT, CheckpointMeta
 from trainables.train import load_checkpoint, model_from_checkpoint
 from tuning.spec import Spec, from_dict
 
@@ -86,7 +86,8 @@ def dense_from_checkpoint(path: str | Path) -> tuple[nn.Module, Spec]:
     """A checkpoint written by training (``prunetune train`` or a trial) -> dense model and the
     experiment spec it was trained with (so sweeps and exports use the same data splits)."""
     ckpt = load_checkpoint(path)
-    return model_from_checkpoint(ckpt).eval(), from_dict(ckpt["meta"]["spec"], source=f"{path} (its experiment)")
+    meta: CheckpointMeta = ckpt["meta"]
+    return model_from_checkpoint(ckpt).eval(), from_dict(meta["spec"], source=f"{path} (its experiment)")
 
 
 def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | None = None) -> nn.Module:
