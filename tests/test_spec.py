@@ -100,3 +100,12 @@ def test_storage_path_default_from_env_and_uris_refused(tmp_path, monkeypatch):
     assert spec_mod.from_dict({}).search.storage_path == str(Path("ray_results").resolve())
     with pytest.raises(SpecError, match="storage_path 's3://bucket/x': object store URIs are not supported"):
         spec_mod.from_dict({"search": {"storage_path": "s3://bucket/x"}})
+
+
+def test_objectives_are_parsed_on_load_and_written_back(tmp_path):
+    spec = spec_mod.load(write(tmp_path, '[search]\nobjectives = ["test_accuracy:max", "size_mb:min"]\n'))
+    assert spec.search.objectives == [("test_accuracy", "max"), ("size_mb", "min")]
+    assert spec.search.objectives[1].metric == "size_mb" and spec.search.objectives[1].mode == "min"
+    assert spec.to_dict()["search"]["objectives"] == ["test_accuracy:max", "size_mb:min"]
+    with pytest.raises(SpecError, match=r"\[search\] objectives\[0\]: objective 'speed:max' must be METRIC:max"):
+        spec_mod.load(write(tmp_path, '[search]\nobjectives = ["speed:max"]\n'))

@@ -95,10 +95,10 @@ class SweepFeedbackSearch(OptunaSearch):
 
 
 def _make_searcher(spec: Spec, exp_dir: Path) -> SweepFeedbackSearch:
-    objectives = pareto.parse_objectives(spec.search.objectives)
+    objectives = spec.search.objectives
     storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / STUDY_FILE}")
     return SweepFeedbackSearch(
-        space=optuna_space(spec), metric=[n for n, _ in objectives], mode=[m for _, m in objectives],
+        space=optuna_space(spec), metric=[o.metric for o in objectives], mode=[o.mode for o in objectives],
         sampler=make_sampler(spec), study_name=spec.name, storage=storage, feedback=spec.search.sweep_feedback,
     )
 
@@ -128,7 +128,7 @@ def sweep_evidence(result: dict[str, Any], space: dict[str, Any], metrics: list[
 def _reporter(spec: Spec):
     from ray.tune import CLIReporter
 
-    names = [o.partition(":")[0] for o in spec.search.objectives]
+    names = [o.metric for o in spec.search.objectives]
     return CLIReporter(
         parameter_columns=["lr", "prune_ratio", "method"],
         metric_columns=["phase", "epoch", "val_accuracy", *names],
@@ -275,7 +275,7 @@ def _collect(spec: Spec, exp_dir: Path, results) -> SearchResult:
             points.append(df)
     trials_df = pd.DataFrame(trials)
     points_df = pd.concat(points, ignore_index=True) if points else pd.DataFrame()
-    objectives = pareto.parse_objectives(spec.search.objectives)
+    objectives = spec.search.objectives
     front_df = pareto.front(points_df, objectives) if len(points_df) else points_df
     hv = None
     if len(objectives) == 2 and len(points_df):
@@ -292,10 +292,10 @@ def print_summary(res: SearchResult, spec: Spec) -> None:
     t = res.trials
     print(f"\n{len(t)} trials: " + ", ".join(f"{n} {s}" for s, n in t.status.value_counts().items()))
     if len(res.front):
-        names = [o.partition(":")[0] for o in spec.search.objectives]
+        names = [o.metric for o in spec.search.objectives]
         cols = ["trial_id", "lr", "method", "ratio", "int8", *dict.fromkeys(names + ["test_accuracy", "size_mb"])]
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
-            print(f"Pareto front ({', '.join(spec.search.objectives)}) over {len(res.points)} points:")
+            print(f"Pareto front ({', '.join(map(str, spec.search.objectives))}) over {len(res.points)} points:")
             print(res.front[cols].to_string(index=False))
     else:
         print("no completed trial: no Pareto front")
@@ -362,7 +362,7 @@ def search(spec: Spec, address: str | None = None, tracking_uri: str | None = No
     q = spec.search
     trials = f"grid over lr {q.grid_lrs}" if q.sampler == "grid" else f"{q.num_samples} trials, sampler {q.sampler}"
     print(f"search {spec.name}: {trials}, objectives "
-          f"{', '.join(spec.search.objectives)}; experiment dir {exp_dir} "
+          f"{', '.join(map(str, spec.search.objectives))}; experiment dir {exp_dir} "
           f"(resume with `prunetune resume {exp_dir}`)", flush=True)
     print(f"tracking: MLflow at {uri} (experiment {spec.name!r})", flush=True)
     return _run(spec, exp_dir, uri, restore=False)

@@ -21,9 +21,9 @@ from typing import Any, Literal, get_args, get_origin
 
 from trainables.compress import METHODS
 from trainables.data import DataConfig
-from trainables.names import POINT_METRICS
 from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
+from tuning.pareto import Objective
 
 __all__ = ["Spec", "SpecError", "load", "from_dict", "parse_override"]
 
@@ -42,7 +42,9 @@ class SearchConfig:
     ratio_min: float = 0.0  # prune_ratio is searched uniformly in [ratio_min, ratio_max]
     ratio_max: float = 0.8
     search_method: bool = True  # search the method among [sweep] methods (else always the first)
-    objectives: list[str] = field(default_factory=lambda: ["accuracy:max", "latency_ms:min"])
+    # written ["accuracy:max", "latency_ms:min"] in a file; parsed on load
+    objectives: list[Objective] = field(default_factory=lambda: [Objective("accuracy", "max"),
+                                                                 Objective("latency_ms", "min")])
     sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"  # grid: grid_lrs x [sweep] ratios
     grid_lrs: list[float] = field(default_factory=list)
     seed: int = 0
@@ -72,6 +74,7 @@ class Spec:
         """Plain dict (TOML/JSON-able), the inverse of :func:`from_dict`."""
         d = dataclasses.asdict(self)
         d.pop("source")
+        d["search"]["objectives"] = [str(o) for o in self.search.objectives]
         return d
 
 
@@ -86,8 +89,10 @@ def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) is list:
-        return f"a list of {get_args(tp)[0].__name__}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+        item = get_args(tp)[0]
+        return "a list of " + ("'METRIC:max|min' strings" if item is Objective else item.__name__)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            Objective: "a 'METRIC:max|min' string"}[tp]
 
 
 def _check_value(where: str, tp: Any, value: Any) -> Any:
@@ -105,6 +110,13 @@ def _check_value(where: str, tp: Any, value: Any) -> Any:
         value = float(value) if ok else value
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is Objective:
+        ok = isinstance(value, str)
+        if ok:
+            try:
+                return Objective.parse(value)
+            except ValueError as e:
+                raise SpecError(f"{where}: {e}") from None
     else:
         ok = isinstance(value, tp)
     if not ok:
@@ -159,10 +171,6 @@ def _validate_ranges(spec: Spec) -> None:
     need(q.cpus_per_trial > 0 and q.gpus_per_trial >= 0, "[search] cpus_per_trial must be > 0, gpus_per_trial >= 0")
     need(q.sampler != "grid" or bool(q.grid_lrs), "[search] sampler = 'grid' needs grid_lrs = [...]")
     need(bool(q.objectives), "[search] objectives must not be empty")
-    for o in q.objectives:
-        name, _, mode = o.partition(":")
-        need(name in POINT_METRICS and mode in ("max", "min"),
-             f"[search] objective {o!r} must be METRIC:max|min with METRIC one of {', '.join(POINT_METRICS)}")
 
 
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:

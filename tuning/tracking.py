@@ -268,10 +268,10 @@ class MlflowTracking(Callback):
             return False
 
     def _finish(self, res, spec, splits) -> None:
-        from tuning import models, pareto
+        from tuning import models
 
         exp_dir = Path(res.path)
-        objectives = pareto.parse_objectives(spec.search.objectives)
+        objectives = spec.search.objectives
         if len(res.front) and len(objectives) == 2:
             models.plot_front(res.points, res.front, objectives, exp_dir / "pareto.png")
         for name in ("trials.csv", "all_points.csv", "pareto.csv", "pareto.png"):
