@@ -134,7 +134,7 @@ def test_sweep_csv(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ratios", "0,1.2"], "every ratio must be in [0, 1)"),
+    (["--ratios", "0,1.2"], "[sweep] ratio 1.2 is outside [0, 1)"),
     (["--ratios", "a:b"], "use start:stop:step"),
     (["--methods", "magic"], "unknown method 'magic'"),
 ])

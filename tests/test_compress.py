@@ -172,7 +172,7 @@ def test_channel_l1_keeps_the_training_mode():
 
 @pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
 def test_ratio_outside_unit_interval_is_rejected(dense, ratio):
-    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"is outside \[0, 1\)"):
         prune(dense, "global_l1", ratio)
 
 

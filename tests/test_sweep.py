@@ -77,7 +77,7 @@ def test_finetune_columns(trained):
     assert df.set_index("ratio").loc[0.0].isna()["accuracy_no_finetune"]  # nothing to fine-tune at 0
 
 
-@pytest.mark.parametrize("kw, msg", [({"methods": ["magic"]}, "unknown compression method 'magic'"),
+@pytest.mark.parametrize("kw, msg", [({"methods": ["magic"]}, "unknown method 'magic'"),
                                      ({"ratios": [1.0]}, r"outside \[0, 1\)")])
 def test_bad_input(trained, kw, msg):
     model, splits = trained

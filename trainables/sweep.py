@@ -95,12 +95,10 @@ def run_sweep(
     the CPU). ``train_cfg`` is the recipe used for fine-tuning (batch size, seed, ...).
     Returns one row per point with the columns of :data:`COLUMNS`.
     """
-    for m in cfg.methods:
-        if m not in compress.METHODS:
-            raise ValueError(f"unknown compression method {m!r}; choose from {', '.join(compress.METHODS)}")
+    for m in cfg.methods:  # fail before any work
+        compress.check_method(m)
     for r in cfg.ratios:
-        if not 0.0 <= r < 1.0:
-            raise ValueError(f"prune ratio {r} is outside [0, 1)")
+        compress.check_ratio(r)
     train_cfg = train_cfg or TrainConfig()
     cache = {} if latency_cache is None else latency_cache
     val, test = _head(splits.val, cfg.eval_size), _head(splits.test, cfg.eval_size)

@@ -93,10 +93,11 @@ def dense_from_checkpoint(path: str | Path) -> tuple[nn.Module, Spec]:
 def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | None = None) -> nn.Module:
     """The deployable model of ``point``: prune -> bake masks in -> INT8 (calibrated on the same
     training images as the sweep). Any ratio in [0, 1) works, swept or not."""
-    if point.method not in compress.METHODS:
-        raise ModelError(f"unknown method {point.method!r}; choose from {', '.join(compress.METHODS)}")
-    if not 0.0 <= point.ratio < 1.0:
-        raise ModelError(f"ratio {point.ratio} is outside [0, 1)")
+    try:
+        compress.check_method(point.method)
+        compress.check_ratio(point.ratio)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
     model = compress.make_permanent(compress.prune(dense, point.method, point.ratio, seed=spec.sweep.seed)).eval()
     if point.int8:
         splits = splits or data.load(spec.data)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from trainables.compress import METHODS
+from trainables import compress
 from trainables.data import DataConfig
 from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
@@ -155,10 +155,13 @@ def _validate_ranges(spec: Spec) -> None:
     need(t.threads >= 0, "[train] threads must be >= 0 (0 = torch's default)")
     need(0.0 <= t.label_smoothing < 1.0, "[train] label_smoothing must be in [0, 1)")
     need(bool(s.ratios), "[sweep] ratios must not be empty")
-    for m in s.methods:
-        need(m in METHODS, f"[sweep] unknown method {m!r}; methods: {', '.join(METHODS)}")
-    for r in s.ratios:
-        need(0.0 <= r < 1.0, f"[sweep] ratio {r} is outside [0, 1); use e.g. ratios = [0.0, 0.5, 0.8]")
+    try:
+        for m in s.methods:
+            compress.check_method(m)
+        for r in s.ratios:
+            compress.check_ratio(r)
+    except ValueError as e:
+        raise SpecError(f"{src}: [sweep] {e}") from None
     need(s.finetune_epochs >= 0, "[sweep] finetune_epochs must be >= 0")
     need(s.latency_runs >= 1 and s.latency_threads >= 1, "[sweep] latency_runs and latency_threads must be >= 1")
     need(q.num_samples >= 1, "[search] num_samples must be >= 1")
