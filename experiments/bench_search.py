@@ -106,8 +106,8 @@ def train_and_sweep(sur: Surrogate, spec: Spec, params: dict[str, Any], seed: in
             for m in spec.sweep.methods for r in sorted(set(spec.sweep.ratios) | {ratio})]
     df = pd.DataFrame(rows)
     own = df[(df.method == method) & (df.ratio == ratio)].iloc[0]
-    return {"lr": lr, "method": method, "prune_ratio": ratio, "int8": False, "sweep_json": df.to_json(orient="records"),
-            "sweep": df, **{m: float(own[m]) for m in METRICS}}
+    return {"lr": lr, "method": method, "prune_ratio": ratio, "int8": False, "sweep": df,
+            **{m: float(own[m]) for m in METRICS}}
 
 
 def run(strategy: str, seed: int, budget: int, sur: Surrogate) -> list[float]:
@@ -122,7 +122,7 @@ def run(strategy: str, seed: int, budget: int, sur: Surrogate) -> list[float]:
         result = train_and_sweep(sur, spec, trial.params, seed, i)
         study.tell(trial, [result[m] for m in METRICS])
         if strategy == "optuna+feedback":
-            for params, values in sweep_evidence(result, space, METRICS):
+            for params, values in sweep_evidence(result["sweep"], result, space, METRICS):
                 study.add_trial(optuna.trial.create_trial(
                     params=params, distributions={k: space[k] for k in params}, values=values))
         points.append(result["sweep"])

@@ -16,15 +16,17 @@ measures each ratio separately to show that this is what the hardware does.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, MutableMapping
+from typing import Any, Callable, Mapping, MutableMapping
 
 import pandas as pd
 import torch.nn as nn
 
 from trainables import compress, measure
 from trainables.data import Split, Splits, normalize
+from trainables.names import SWEEP_TABLE
 from trainables.train import TrainConfig, evaluate, make_optimizer, make_scheduler, train_one_epoch
 
 
@@ -51,6 +53,22 @@ COLUMNS = [
     "test_accuracy_no_finetune", "sparsity", "nonzero_params", "size_mb", "macs", "latency_ms",
     "latency_p90_ms", "latency_cv", "latency_speedup", "throughput_ips", "arch", "cpu", "threads",
 ]
+
+
+def table_to_json(df: pd.DataFrame) -> str:
+    """The sweep table as a trial's final report carries it (under ``names.SWEEP_TABLE``):
+    JSON records, one per point. Read it back with :func:`table_from_report`."""
+    return df.to_json(orient="records")
+
+
+def table_from_report(report: Mapping[str, Any]) -> pd.DataFrame | None:
+    """The sweep table in a trial's report, or None when it has none (an epoch report, a
+    diverged trial). ``json.loads`` keeps every value's JSON type, so a hash like ``arch`` stays
+    a string where ``pd.read_json`` may turn an all-digit one into a number."""
+    text = report.get(SWEEP_TABLE)
+    if not isinstance(text, str) or not text:
+        return None
+    return pd.DataFrame.from_records(json.loads(text))
 
 
 def finetune(model: nn.Module, split: Split, cfg: TrainConfig, epochs: int, lr: float) -> nn.Module:

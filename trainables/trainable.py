@@ -33,7 +33,7 @@ from ray import tune
 from trainables.data import Splits
 from trainables.names import (CHECKPOINT_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN,
                               CheckpointMeta)
-from trainables.sweep import SweepConfig, run_sweep
+from trainables.sweep import SweepConfig, run_sweep, table_to_json
 from trainables.train import Diverged, TrainConfig, fit, load_checkpoint, model_from_checkpoint
 
 LATENCY_CACHE = "prunetune_latency_cache"
@@ -143,4 +143,4 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
     own.pop("method"), own.pop("ratio"), own.pop("int8")
     tune.report({**base, **own, PHASE: DONE, "epoch": train_cfg.epochs, "val_accuracy": val_acc,
                  "method": method, "prune_ratio": ratio, "int8": int8, "trial_end": time.time(),
-                 SWEEP_TABLE: df.to_json(orient="records")})
+                 SWEEP_TABLE: table_to_json(df)})

@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import optuna
 import pandas as pd
 from ray.tune.search.optuna import OptunaSearch
 
+from trainables.sweep import table_from_report
 from tuning import pareto, tracking
 from tuning.spec import Spec, SpecError, from_dict
 
@@ -86,8 +86,9 @@ class SweepFeedbackSearch(OptunaSearch):
             # OptunaSearch would try to tell [None, None] as COMPLETE and leave it RUNNING)
             result = None
         super().on_trial_complete(trial_id, result, error)
-        if self.feedback and result and result.get("sweep_json"):
-            for params, values in sweep_evidence(result, self._space, self._metric):
+        table = table_from_report(result) if self.feedback and result else None
+        if table is not None:
+            for params, values in sweep_evidence(table, result, self._space, self._metric):
                 self._ot_study.add_trial(optuna.trial.create_trial(
                     params=params, distributions={k: self._space[k] for k in params}, values=values,
                     user_attrs={"source": "sweep", "ray_trial_id": trial_id},
@@ -103,13 +104,15 @@ def _make_searcher(spec: Spec, exp_dir: Path) -> SweepFeedbackSearch:
     )
 
 
-def sweep_evidence(result: dict[str, Any], space: dict[str, Any], metrics: list[str]) -> list[tuple[dict, list[float]]]:
-    """(params, objective values) for every sweep point of a trial that the search space can
-    express, except the trial's own point (Tune already told the study that one)."""
+def sweep_evidence(table: pd.DataFrame, trial: dict[str, Any], space: dict[str, Any],
+                   metrics: list[str]) -> list[tuple[dict, list[float]]]:
+    """(params, objective values) for every point of a trial's sweep ``table`` that the search
+    space can express, except the trial's own point (Tune already told the study that one).
+    ``trial``: its sampled ``lr``, ``method``, ``prune_ratio`` and ``int8``."""
     out = []
-    own = (result.get("method"), result.get("prune_ratio"), bool(result.get("int8", False)))
+    own = (trial.get("method"), trial.get("prune_ratio"), bool(trial.get("int8", False)))
     ratio_dist = space["prune_ratio"]
-    for p in json.loads(result["sweep_json"]):
+    for p in table.to_dict("records"):
         if (p["method"], p["ratio"], bool(p["int8"])) == own:
             continue
         if ("method" not in space and p["method"] != own[0]) or ("int8" not in space and p["int8"]):
@@ -119,7 +122,7 @@ def sweep_evidence(result: dict[str, Any], space: dict[str, Any], metrics: list[
         values = [p.get(m) for m in metrics]
         if any(v is None or not math.isfinite(v) for v in values):
             continue
-        params = {"lr": result["lr"], "prune_ratio": p["ratio"]}
+        params = {"lr": trial["lr"], "prune_ratio": p["ratio"]}
         params.update({k: p[k] for k in ("method", "int8") if k in space})
         out.append((params, values))
     return out
@@ -268,8 +271,8 @@ def _collect(spec: Spec, exp_dir: Path, results) -> SearchResult:
                        **{k: m.get(k) for k in ("method", "int8", "node_id", "cuda_visible_devices",
                                                 "trial_start", "trial_end", "error")},
                        "checkpoint": r.checkpoint.path if r.checkpoint else None, "trial_dir": r.path})
-        if m.get("sweep_json") and not r.error:
-            df = pd.read_json(io.StringIO(m["sweep_json"]), orient="records")
+        df = table_from_report(m)
+        if df is not None and not r.error:
             df.insert(0, "trial_id", trial_id)
             df.insert(1, "lr", m.get("lr"))
             points.append(df)

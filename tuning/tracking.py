@@ -23,7 +23,6 @@ then the tables and models are logged. Nothing is retried in a loop; nothing is 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import subprocess
@@ -37,6 +36,7 @@ import pandas as pd
 from ray.tune import Callback
 
 from trainables.names import CHECKPOINT_DIR, CHECKPOINT_FILE
+from trainables.sweep import table_from_report
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 _SWEEP_METRICS = ("accuracy", "latency_ms", "size_mb")
@@ -194,7 +194,7 @@ class MlflowTracking(Callback):
             self.client.set_tag(rid, "prunetune.error", str(result.get("error", ""))[:5000])
         elif phase == "done":
             self.client.set_tag(rid, "prunetune.status", "done")
-            sweep = pd.read_json(io.StringIO(result["sweep_json"]), orient="records")
+            sweep = table_from_report(result)
             metrics = [Metric(k, float(result[k]), ts, 0) for k in ("accuracy", "test_accuracy", "latency_ms",
                        "latency_p90_ms", "size_mb", "sparsity", "macs", "nonzero_params") if result.get(k) is not None]
             for (method, int8), rows in sweep.groupby(["method", "int8"]):
