@@ -242,37 +242,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- pareto / export
 
 
-def _latest_search(client, experiment: str | None):
-    if experiment:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            names = [e.name for e in client.search_experiments()]
-            raise UserError(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
-        ids = [exp.experiment_id]
-    else:
-        ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, "tags.`prunetune.kind` = 'search' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1) if ids else []
-    if not runs:
-        raise UserError(f"no finished prunetune search in {'experiment ' + repr(experiment) if experiment else 'the tracking store'}"
-                        "; run `prunetune search FILE` first")
-    return runs[0]
-
-
 def cmd_pareto(args: argparse.Namespace) -> int:
-    import tempfile
-
     import pandas as pd
 
-    from tuning.tracking import check_reachable, tracking_uri
+    from tuning import runs
 
-    client = check_reachable(tracking_uri(args.tracking_uri))
-    parent = _latest_search(client, args.experiment)
-    local = client.download_artifacts(parent.info.run_id, "pareto.csv", tempfile.mkdtemp(prefix="prunetune-"))
-    front = pd.read_csv(local, dtype={"trial_id": str})  # ids like "08088346" are not numbers
-    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    run_of = {r.data.tags.get("prunetune.trial_id"): r.info.run_id for r in children}
-    front.insert(0, "run_id", front.trial_id.map(run_of))
+    parent, front = runs.load_front(runs.tracking_uri(args.tracking_uri), args.experiment)
     cols = ["run_id", "trial_id", "lr", "method", "ratio", "int8", "accuracy", "test_accuracy", "latency_ms",
             "latency_p90_ms", "size_mb", "sparsity", "nonzero_params", "macs"]
     front = front[[c for c in cols if c in front.columns]]
@@ -286,11 +261,10 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from trainables import data
-    from tuning import models
-    from tuning.tracking import check_reachable, tracking_uri
+    from tuning import models, runs
 
-    uri = tracking_uri(args.tracking_uri)
-    check_reachable(uri)
+    uri = runs.tracking_uri(args.tracking_uri)
+    runs.check_reachable(uri)
     point = models.resolve(uri, args.ref, args.method, args.ratio, True if args.int8 else None)
     dense, spec = models.dense_from_run(uri, point.run_id)
     splits = data.load(spec.data)
@@ -314,7 +288,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     import shutil
     import subprocess
 
-    from tuning.tracking import tracking_uri
+    from tuning.runs import tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
     if uri.startswith(("http://", "https://")):
@@ -408,11 +382,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainables.data import DataError
     from trainables.train import CheckpointError, DeviceError, Diverged
     from tuning.models import ModelError
+    from tuning.runs import NotFound
 
     try:
         return args.func(args)
     except (UserError, spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError,
-            ConnectionError, FileNotFoundError, ModelError) as e:
+            ConnectionError, FileNotFoundError, ModelError, NotFound) as e:
         if os.environ.get("PRUNETUNE_DEBUG"):
             raise
         print(f"prunetune {args.command}: error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ import pandas as pd
 from ray.tune.search.optuna import OptunaSearch
 
 from trainables.sweep import table_from_report
-from tuning import pareto, tracking
+from tuning import pareto, runs, tracking
 from tuning.spec import Spec, SpecError, from_dict
 
 SPEC_FILE = "prunetune_spec.json"
@@ -354,8 +354,8 @@ def search(spec: Spec, address: str | None = None, tracking_uri: str | None = No
     """Run a new search; its directory is ``storage_path/<name>-<time>``."""
     if address or os.environ.get("RAY_ADDRESS"):
         _check_reachable(address or os.environ["RAY_ADDRESS"])  # before anything is created
-    uri = tracking.tracking_uri(tracking_uri)
-    tracking.check_reachable(uri)  # before any training starts
+    uri = runs.tracking_uri(tracking_uri)
+    runs.check_reachable(uri)  # before any training starts
     connect(address)
     check_storage(spec.search.storage_path)
     exp_dir = Path(spec.search.storage_path) / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -383,7 +383,7 @@ def resume(path: str | Path, address: str | None = None) -> tuple[SearchResult, 
     uri = ""
     if (exp_dir / TRACKING_FILE).is_file():  # the search's callback reconnects to this store
         uri = (exp_dir / TRACKING_FILE).read_text().strip()
-        tracking.check_reachable(uri)
+        runs.check_reachable(uri)
     connect(address)
     check_storage(str(exp_dir.parent))
     print(f"resuming search {spec.name} from {exp_dir}", flush=True)

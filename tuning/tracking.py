@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 from importlib import metadata
@@ -32,41 +31,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import pandas as pd
 from ray.tune import Callback
 
 from trainables.names import CHECKPOINT_DIR, CHECKPOINT_FILE
 from trainables.sweep import table_from_report
+from tuning import runs
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 _SWEEP_METRICS = ("accuracy", "latency_ms", "size_mb")
-
-
-class TrackingError(ConnectionError):
-    """The MLflow tracking store cannot be reached or used."""
-
-
-def tracking_uri(uri: str | None = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-
-
-def check_reachable(uri: str):
-    """Return an MlflowClient for ``uri`` after one real request; fail fast and clearly."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        client.search_experiments(max_results=1)
-    except Exception as e:  # connection refused, bad scheme, unreadable database, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingError(
-            f"cannot use the MLflow tracking store {uri!r}: {first[:300]}. Start the server (e.g. "
-            "`mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`), "
-            "fix --tracking-uri / MLFLOW_TRACKING_URI, or leave both unset for sqlite:///mlflow.db"
-        ) from None
-    return client
 
 
 def _git_commit() -> str:
@@ -120,7 +91,7 @@ class MlflowTracking(Callback):
 
     def __init__(self, uri: str, spec_dict: dict[str, Any], exp_dir: Path) -> None:
         self.uri = uri
-        self.client = check_reachable(uri)
+        self.client = runs.check_reachable(uri)
         self.spec = spec_dict
         self.exp_dir = str(Path(exp_dir).resolve())
         name = spec_dict["name"]
@@ -142,10 +113,10 @@ class MlflowTracking(Callback):
 
     # --------------------------------------------------------------- runs
     def _find_or_create_parent(self) -> str:
-        found = self.client.search_runs([self.experiment_id], f"tags.`prunetune.search_dir` = '{self.exp_dir}'")
+        found = runs.search_run(self.client, self.experiment_id, self.exp_dir)
         if found:
-            self.client.update_run(found[0].info.run_id, status="RUNNING")
-            return found[0].info.run_id
+            self.client.update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id
         run = self.client.create_run(self.experiment_id, run_name=Path(self.exp_dir).name, tags={
             "prunetune.search_dir": self.exp_dir, "prunetune.kind": "search", "git_commit": _git_commit(),
             **{f"version.{p}": _version(p) for p in ("torch", "ray", "optuna", "mlflow", "torch-pruning")},
@@ -160,8 +131,8 @@ class MlflowTracking(Callback):
         return rid
 
     def _existing_children(self) -> dict[str, str]:
-        runs = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
-        return {r.data.tags["prunetune.trial_id"]: r.info.run_id for r in runs if "prunetune.trial_id" in r.data.tags}
+        children = runs.child_runs(self.client, self.experiment_id, self.parent_id)
+        return {trial_id: r.info.run_id for trial_id, r in children.items()}
 
     def _child(self, trial) -> str:
         if trial.trial_id not in self.runs:
@@ -227,11 +198,10 @@ class MlflowTracking(Callback):
         """Log every trial of ``results`` (a Tune ResultGrid) whose child run is missing, did
         not end, or missed a result during an outage, from what Ray persisted in the trial's
         directory (``result.json``: every report, in order). Returns the trial ids logged."""
-        children = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{self.parent_id}'")
+        children = runs.child_runs(self.client, self.experiment_id, self.parent_id)
         # the runs as the server has them (under Ray Client, Tune's copy of this callback logged them)
-        self.runs.update({r.data.tags["prunetune.trial_id"]: r.info.run_id for r in children
-                          if "prunetune.trial_id" in r.data.tags})
-        ended = {r.data.tags.get("prunetune.trial_id") for r in children if r.info.status in ("FINISHED", "FAILED")}
+        self.runs.update({trial_id: r.info.run_id for trial_id, r in children.items()})
+        ended = {trial_id for trial_id, r in children.items() if r.info.status in ("FINISHED", "FAILED")}
         done = []
         for r in results:
             reports = _reports(r.path)
