@@ -12,10 +12,7 @@ from typing import Any, Sequence
 
 from trainables.names import CHECKPOINT_FILE, CheckpointMeta
 from tuning import spec as spec_mod
-
-
-DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"  # the Ray head's dashboard / Jobs API
-SUBMITTED_ENV = "PRUNETUNE_SUBMITTED"  # set in a submitted job's environment
+from tuning.jobs import DEFAULT_JOBS_ADDRESS
 
 
 class UserError(Exception):
@@ -162,14 +159,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from tuning import search
+    from tuning import jobs, search
 
     spec = spec_mod.load(args.file, args.set)
-    if os.environ.get(SUBMITTED_ENV):
-        # a Ray Job's working dir can be garbage-collected once the trials' workers exit (Ray issue
-        # #52343), and Tune needs a current directory at the end: leave it now the file is read
-        Path(spec.search.storage_path).mkdir(parents=True, exist_ok=True)
-        os.chdir(spec.search.storage_path)
+    jobs.leave_job_dir(spec.search.storage_path)  # in a submitted job: the file is read
     res = search.search(spec, address=args.address, tracking_uri=args.tracking_uri)
     search.print_summary(res, spec)
     return 0 if len(res.points) else 1
@@ -186,57 +179,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit ``prunetune search FILE`` as a Ray Job: the driver runs on the head node, so the
     search survives this machine going to sleep or losing its connection."""
-    import asyncio
-    import shlex
-    import shutil
-    import tempfile
+    from tuning import jobs
 
     spec_mod.load(args.file, args.set)  # fail here, not on the cluster, on a bad file
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise UserError("submit needs --tracking-uri (or MLFLOW_TRACKING_URI): an MLflow server the cluster can "
-                        "reach, e.g. http://mlflow:5000; a default sqlite file would stay inside the job's "
-                        "directory on the head node")
-    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_JOBS_ADDRESS
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    try:
-        client = JobSubmissionClient(address)
-    except Exception as e:  # refused, not a Ray dashboard, bad token, ...
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot reach the Ray Jobs API at {address!r} ({first}). Start the head with "
-                        "`ray start --head --dashboard-host 0.0.0.0` (port 8265) or fix --address / "
-                        "RAY_API_SERVER_ADDRESS") from None
-    staging = Path(tempfile.mkdtemp(prefix="prunetune-submit-"))  # the job's working dir: the file only
-    shutil.copy(args.file, staging / Path(args.file).name)
-    entry = ["prunetune", "search", Path(args.file).name, "--tracking-uri", uri]
-    for override in args.set:
-        entry += ["--set", override]
-    env = {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", SUBMITTED_ENV: "1"}
-    if os.environ.get("PRUNETUNE_DEBUG"):  # tracebacks from the job too
-        env["PRUNETUNE_DEBUG"] = os.environ["PRUNETUNE_DEBUG"]
-    job_id = client.submit_job(entrypoint=shlex.join(entry), runtime_env={"working_dir": str(staging), "env_vars": env})
-    shutil.rmtree(staging, ignore_errors=True)
-    print(f"submitted Ray job {job_id} to {address}: {shlex.join(entry)}", flush=True)
-    print(f"follow it:  ray job logs {job_id} --address {address} --follow\n"
-          f"status:     ray job status {job_id} --address {address}\n"
-          f"stop it:    ray job stop {job_id} --address {address}", flush=True)
+    job = jobs.submit(args.file, args.set, address=args.address, tracking_uri=args.tracking_uri)
+    print(f"submitted Ray job {job.id} to {job.address}: {job.command}\n{job.how_to()}", flush=True)
     if not args.follow:
         return 0
-
-    async def tail() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
-
     try:
-        asyncio.run(tail())
+        return 0 if jobs.follow(job) else 1
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} goes on (ray job stop {job_id} --address {address} stops it)",
-              flush=True)
+        print(f"\nstopped following; job {job.id} goes on ({job.ray('stop')} stops it)", flush=True)
         return 130
-    status = client.get_job_status(job_id)
-    print(f"Ray job {job_id}: {status.value}", flush=True)
-    return 0 if status == JobStatus.SUCCEEDED else 1
 
 
 # ----------------------------------------------------------------------------- pareto / export
@@ -381,13 +335,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from trainables.data import DataError
     from trainables.train import CheckpointError, DeviceError, Diverged
+    from tuning.jobs import SubmitError
     from tuning.models import ModelError
     from tuning.runs import NotFound
 
     try:
         return args.func(args)
     except (UserError, spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError,
-            ConnectionError, FileNotFoundError, ModelError, NotFound) as e:
+            ConnectionError, FileNotFoundError, ModelError, NotFound, SubmitError) as e:
         if os.environ.get("PRUNETUNE_DEBUG"):
             raise
         print(f"prunetune {args.command}: error: {e}", file=sys.stderr)
