@@ -15,26 +15,16 @@ from tuning import spec as spec_mod
 from tuning.jobs import DEFAULT_JOBS_ADDRESS
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line without a traceback."""
+_TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _print_json(obj: dict | list[dict]) -> None:
+    """The last stdout line of a ``--json`` command: one JSON document (NaN and Inf as null)."""
+    def clean(row: dict) -> dict:
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
+    print(json.dumps([clean(r) for r in obj] if isinstance(obj, list) else clean(obj)), flush=True)
 
-def _print_json(obj: Any) -> None:
-    """The last stdout line of a ``--json`` command: one JSON document."""
-    if isinstance(obj, dict):
-        obj = {k: _jsonable(v) for k, v in obj.items()}
-    elif isinstance(obj, list):
-        obj = [{k: _jsonable(v) for k, v in row.items()} for row in obj]
-    print(json.dumps(obj), flush=True)
-
-
-# ----------------------------------------------------------------------------- train
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -44,12 +34,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = spec_mod.load(args.file, args.set)
     device = pick_device(spec.train.device)
     splits = data.load(spec.data)
-    print(
-        f"{spec.name}: {spec.data.dataset} train {len(splits.train)} / val {len(splits.val)} / "
-        f"test {len(splits.test)} images on {device}; {spec.train.epochs} epochs, "
-        f"{spec.train.optimizer} lr={spec.train.lr:g}, batch {spec.train.batch_size}",
-        flush=True,
-    )
+    print(f"{spec.name}: {spec.data.dataset} train {len(splits.train)} / val {len(splits.val)} / "
+          f"test {len(splits.test)} images on {device}; {spec.train.epochs} epochs, "
+          f"{spec.train.optimizer} lr={spec.train.lr:g}, batch {spec.train.batch_size}", flush=True)
     resume = load_checkpoint(args.resume) if args.resume else None
     if args.resume:
         ckpt_path = Path(args.resume)
@@ -60,18 +47,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"checkpoint (written every epoch): {ckpt_path}", flush=True)
 
     def progress(m: dict[str, float]) -> None:
-        print(
-            f"epoch {int(m['epoch'])}/{spec.train.epochs}  loss {m['train_loss']:.4f}  "
-            f"train_acc {m['train_accuracy']:.4f}  val_acc {m['val_accuracy']:.4f}  "
-            f"{m['images_per_second']:.0f} img/s  {m['elapsed']:.1f}s",
-            flush=True,
-        )
+        print(f"epoch {int(m['epoch'])}/{spec.train.epochs}  loss {m['train_loss']:.4f}  "
+              f"train_acc {m['train_accuracy']:.4f}  val_acc {m['val_accuracy']:.4f}  "
+              f"{m['images_per_second']:.0f} img/s  {m['elapsed']:.1f}s", flush=True)
 
-    result = fit(
-        splits.to(device), spec.train, checkpoint_path=ckpt_path, resume=resume,
-        meta=CheckpointMeta(spec=spec.to_dict(), config={}),
-        on_epoch=progress,
-    )
+    result = fit(splits.to(device), spec.train, checkpoint_path=ckpt_path, resume=resume,
+                 meta=CheckpointMeta(spec=spec.to_dict(), config={}), on_epoch=progress)
     print(f"test accuracy {result.test_accuracy:.4f}; checkpoint {ckpt_path}", flush=True)
     if args.json:
         _print_json({
@@ -83,67 +64,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- sweep
-
-
-def parse_ratios(text: str) -> list[float]:
-    """``"0:0.8:0.05"`` (start:stop:step, stop included) or ``"0,0.3,0.5"`` -> sorted floats;
-    the spec checks the values."""
-    try:
-        if ":" in text:
-            start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0:
-                raise ValueError
-            n = int(round((stop - start) / step))
-            values = [round(start + i * step, 6) for i in range(n + 1)]
-        else:
-            values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--ratios {text!r}: use start:stop:step (e.g. 0:0.8:0.05) or a list (0,0.3,0.5)") from None
-    return sorted(set(values))
-
-
-def _load_trained(path: str):
-    """Checkpoint -> (model, spec, splits on the device) for sweeps."""
-    from trainables import data
-    from trainables.train import pick_device
-    from tuning.models import dense_from_checkpoint
-
-    model, spec = dense_from_checkpoint(path)
-    device = pick_device(spec.train.device)
-    return model.to(device), spec, data.load(spec.data).to(device)
-
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from trainables.sweep import run_sweep
+    from tuning.models import load_trained
 
-    model, spec, splits = _load_trained(args.checkpoint)
-    changes: dict[str, Any] = {}
+    model, spec, splits = load_trained(args.checkpoint)
+    given: dict[str, Any] = {}
     if args.methods:
-        changes["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+        given["sweep.methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.ratios:
-        changes["ratios"] = parse_ratios(args.ratios)
+        given["sweep.ratios"] = spec_mod.parse_ratios(args.ratios)
     if args.int8:
-        changes["int8"] = True
-    if args.finetune_epochs is not None:
-        changes["finetune_epochs"] = args.finetune_epochs
-    if args.eval_size is not None:
-        changes["eval_size"] = args.eval_size
-    raw = spec.to_dict()
-    raw["sweep"].update(changes)
-    spec = spec_mod.from_dict(raw, source="prunetune sweep options")  # same checks as a file
+        given["sweep.int8"] = True
+    for key in ("finetune_epochs", "eval_size"):
+        if getattr(args, key) is not None:
+            given[f"sweep.{key}"] = getattr(args, key)
+    spec = spec_mod.replace(spec, given, source="prunetune sweep options")  # same checks as a file
     cfg = spec.sweep
-    print(
-        f"sweeping {args.checkpoint}: methods {', '.join(cfg.methods)}; ratios {cfg.ratios}; "
-        f"int8 {'on+off' if cfg.int8 else 'off'}; fine-tune {cfg.finetune_epochs} epochs; "
-        f"latency: CPU batch 1, {cfg.latency_threads} thread(s), median of {cfg.latency_runs}",
-        flush=True,
-    )
+    print(f"sweeping {args.checkpoint}: methods {', '.join(cfg.methods)}; ratios {cfg.ratios}; "
+          f"int8 {'on+off' if cfg.int8 else 'off'}; fine-tune {cfg.finetune_epochs} epochs; "
+          f"latency: CPU batch 1, {cfg.latency_threads} thread(s), median of {cfg.latency_runs}", flush=True)
     df = run_sweep(model, splits, cfg, spec.train)
-    shown = df.drop(columns=["arch", "cpu", "threads"])
-    shown = shown.dropna(axis=1, how="all")
+    shown = df.drop(columns=["arch", "cpu", "threads"]).dropna(axis=1, how="all")
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
         print(shown.to_string(index=False))
     print(f"latency measured on: {df.cpu.iloc[0]}", flush=True)
@@ -154,8 +99,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         _print_json(json.loads(df.to_json(orient="records")))
     return 0
 
-
-# ----------------------------------------------------------------------------- search
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -193,8 +136,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 130
 
 
-# ----------------------------------------------------------------------------- pareto / export
-
 
 def cmd_pareto(args: argparse.Namespace) -> int:
     import pandas as pd
@@ -214,20 +155,15 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from trainables import data
     from tuning import models, runs
 
     uri = runs.tracking_uri(args.tracking_uri)
     runs.check_reachable(uri)
     point = models.resolve(uri, args.ref, args.method, args.ratio, True if args.int8 else None)
-    dense, spec = models.dense_from_run(uri, point.run_id)
-    splits = data.load(spec.data)
-    model = models.derive(dense, spec, point, splits)
     print(f"exporting {point.method} ratio {point.ratio:g}{' + int8' if point.int8 else ''} of trial run "
           f"{point.run_id} as {args.format} -> {args.output}", flush=True)
-    images = data.normalize(splits.test.x)
-    agreement = models.export(model, args.format, args.output, images)
-    print(f"top-1 agreement with the PyTorch model: {agreement:.2%} on {len(images)} held-out test images")
+    agreement, n = models.export_point(uri, point, args.format, args.output)
+    print(f"top-1 agreement with the PyTorch model: {agreement:.2%} on {n} held-out test images")
     if agreement < 0.999:
         print(f"prunetune export: error: agreement {agreement:.2%} is below 99.9%; {args.output} is kept for "
               "inspection but should not be deployed", file=sys.stderr)
@@ -235,48 +171,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- ui
-
-
 def cmd_ui(args: argparse.Namespace) -> int:
-    import shutil
-    import subprocess
+    from tuning import runs
 
-    from tuning.runs import tracking_uri
+    return runs.serve_ui(runs.tracking_uri(args.tracking_uri), args.host, args.port)
 
-    uri = tracking_uri(args.tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        print(f"{uri} is a tracking server: its UI is at {uri}", flush=True)
-        return 0
-    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
-    if mlflow_bin is None:
-        raise UserError("the `mlflow` command is not installed in this environment; `pip install mlflow`")
-    url = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it)", flush=True)
-    cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    return subprocess.call(cmd)
-
-
-# ----------------------------------------------------------------------------- main
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunetune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train_and_sweep(sub)
+    _add_search(sub)
+    _add_mlflow(sub)
+    return p
 
-    def with_file(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("file", help="experiment file (TOML), e.g. experiments/quickstart.toml")
-        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one key of the file (repeatable), e.g. --set train.epochs=3")
 
+def _with_file(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("file", help="experiment file (TOML), e.g. experiments/quickstart.toml")
+    sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one key of the file (repeatable), e.g. --set train.epochs=3")
+
+
+def _add_train_and_sweep(sub) -> None:
     t = sub.add_parser("train", help="train one model without Ray and save its checkpoint")
-    with_file(t)
+    _with_file(t)
     t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint written by an earlier run")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sweep", help="sweep compression methods and ratios over a trained checkpoint")
-    s.add_argument("checkpoint", help="checkpoint.pt written by `prunetune train`")
+    s.add_argument("checkpoint", help=f"{CHECKPOINT_FILE} written by `prunetune train`")
     s.add_argument("--methods", help="comma list of global_l1, layer_l1, global_random, channel_l1")
     s.add_argument("--ratios", help="start:stop:step (stop included, e.g. 0:0.8:0.05) or a comma list")
     s.add_argument("--int8", action="store_true", help="measure every point also with INT8 on top")
@@ -287,11 +212,13 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     s.set_defaults(func=cmd_sweep)
 
+
+def _add_search(sub) -> None:
     address_help = "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
     se = sub.add_parser("search", help="Ray Tune + Optuna search over lr and prune ratio (train + sweep per trial)")
-    with_file(se)
+    _with_file(se)
     se.add_argument("--address", help=address_help)
-    se.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    se.add_argument("--tracking-uri", help=_TRACKING_HELP)
     se.set_defaults(func=cmd_search)
 
     re_ = sub.add_parser("resume", help="continue an interrupted search from its directory")
@@ -300,17 +227,18 @@ def _parser() -> argparse.ArgumentParser:
     re_.set_defaults(func=cmd_resume)
 
     su = sub.add_parser("submit", help="run the search as a Ray Job on a cluster's head node")
-    with_file(su)
+    _with_file(su)
     su.add_argument("--address", help=f"the head's Jobs API (default: $RAY_API_SERVER_ADDRESS, else {DEFAULT_JOBS_ADDRESS})")
     su.add_argument("--tracking-uri", help="MLflow server the cluster reaches (default: $MLFLOW_TRACKING_URI; required)")
     su.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 if it succeeded")
     su.set_defaults(func=cmd_submit)
 
-    tracking_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+
+def _add_mlflow(sub) -> None:
     pa = sub.add_parser("pareto", help="print the Pareto front of the latest finished search from MLflow")
     pa.add_argument("--experiment", help="MLflow experiment (the experiment file's name); default: any")
     pa.add_argument("--json", action="store_true", help="print a JSON array of the front's points last")
-    pa.add_argument("--tracking-uri", help=tracking_help)
+    pa.add_argument("--tracking-uri", help=_TRACKING_HELP)
     pa.set_defaults(func=cmd_pareto)
 
     ex = sub.add_parser("export", help="write a deployable ONNX / TorchScript file of a trial's compressed model")
@@ -320,7 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--int8", action="store_true", help="post-training INT8 on top (torchscript only)")
     ex.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     ex.add_argument("-o", "--output", required=True, help="output file")
-    ex.add_argument("--tracking-uri", help=tracking_help)
+    ex.add_argument("--tracking-uri", help=_TRACKING_HELP)
     ex.set_defaults(func=cmd_export)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store and print its URL")
@@ -328,7 +256,6 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -341,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (UserError, spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError,
+    except (spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError,
             ConnectionError, FileNotFoundError, ModelError, NotFound, SubmitError) as e:
         if os.environ.get("PRUNETUNE_DEBUG"):
             raise

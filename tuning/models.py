@@ -90,6 +90,15 @@ def dense_from_checkpoint(path: str | Path) -> tuple[nn.Module, Spec]:
     return model_from_checkpoint(ckpt).eval(), from_dict(meta["spec"], source=f"{path} (its experiment)")
 
 
+def load_trained(path: str | Path) -> tuple[nn.Module, Spec, data.Splits]:
+    """A checkpoint -> its dense model, spec and data splits, on the device it trained for."""
+    from trainables.train import pick_device
+
+    model, spec = dense_from_checkpoint(path)
+    device = pick_device(spec.train.device)
+    return model.to(device), spec, data.load(spec.data).to(device)
+
+
 def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | None = None) -> nn.Module:
     """The deployable model of ``point``: prune -> bake masks in -> INT8 (calibrated on the same
     training images as the sweep). Any ratio in [0, 1) works, swept or not."""
@@ -103,6 +112,15 @@ def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | Non
         splits = splits or data.load(spec.data)
         model = compress.quantize_int8(model, data.normalize(splits.train.x[: spec.sweep.calibration_size]))
     return model
+
+
+def export_point(uri: str, point: Point, fmt: str, out: str | Path) -> tuple[float, int]:
+    """Derive ``point`` from its trial's run and :func:`export` it; returns the top-1 agreement
+    and the number of held-out test images it was measured on."""
+    dense, spec = dense_from_run(uri, point.run_id)
+    splits = data.load(spec.data)
+    images = data.normalize(splits.test.x)
+    return export(derive(dense, spec, point, splits), fmt, out, images), len(images)
 
 
 def _predict(fn, x: torch.Tensor, batch: int = 256) -> np.ndarray:

@@ -8,6 +8,9 @@ search, the back-fill, ``prunetune pareto``) finds its runs here.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from typing import TYPE_CHECKING
 
@@ -27,7 +30,8 @@ class TrackingError(ConnectionError):
 
 
 class NotFound(LookupError):
-    """No such experiment or finished search in the tracking store; the message says what there is."""
+    """What a command needs is not there (an experiment, a finished search, the ``mlflow``
+    command); the message says what there is or how to get it."""
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -100,3 +104,15 @@ def load_front(uri: str, experiment: str | None = None) -> tuple[Run, pd.DataFra
     front.insert(0, "run_id", front.trial_id.map({tid: r.info.run_id for tid, r in children.items()}))
     return parent, front
 
+
+def serve_ui(uri: str, host: str, port: int) -> int:
+    """Run the MLflow UI on the store ``uri`` at ``host:port`` until Ctrl-C; returns its exit
+    code. A tracking server serves its own UI: then this only says where."""
+    if uri.startswith(("http://", "https://")):
+        print(f"{uri} is a tracking server: its UI is at {uri}", flush=True)
+        return 0
+    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
+    if mlflow_bin is None:
+        raise NotFound("the `mlflow` command is not installed in this environment; `pip install mlflow`")
+    print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    return subprocess.call([mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])

@@ -25,7 +25,7 @@ from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
 from tuning.pareto import Objective
 
-__all__ = ["Spec", "SpecError", "load", "from_dict", "parse_override"]
+__all__ = ["Spec", "SpecError", "load", "from_dict", "replace", "parse_override", "parse_ratios"]
 
 
 class SpecError(ValueError):
@@ -208,14 +208,39 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
-def _apply_override(raw: dict[str, Any], text: str) -> None:
-    path, value = parse_override(text)
+def parse_ratios(text: str) -> list[float]:
+    """``"0:0.8:0.05"`` (start:stop:step, stop included) or ``"0,0.3,0.5"`` -> sorted floats
+    (``prunetune sweep --ratios``); the values are checked with the rest of the spec."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            n = int(round((stop - start) / step))
+            values = [round(start + i * step, 6) for i in range(n + 1)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SpecError(f"--ratios {text!r}: use start:stop:step (e.g. 0:0.8:0.05) or a list (0,0.3,0.5)") from None
+    return sorted(set(values))
+
+
+def _set(raw: dict[str, Any], path: list[str], value: Any, where: str) -> None:
     node = raw
     for part in path[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise SpecError(f"--set {text}: '{part}' is not a section")
+            raise SpecError(f"{where}: '{part}' is not a section")
     node[path[-1]] = value
+
+
+def replace(spec: Spec, values: dict[str, Any], source: str) -> Spec:
+    """``spec`` with ``{"section.key": value}`` set, validated exactly like a file; ``source``
+    names where the values came from (e.g. a command's options) in errors."""
+    raw = spec.to_dict()
+    for key, value in values.items():
+        _set(raw, key.split("."), value, source)
+    return from_dict(raw, source=source)
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
@@ -229,5 +254,5 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
     raw.setdefault("name", path.stem)
     for text in overrides:
-        _apply_override(raw, text)
+        _set(raw, *parse_override(text), where=f"--set {text}")
     return from_dict(raw, source=str(path))
