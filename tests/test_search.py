@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, prunetune
-from tuning import search
+from trainables.names import STUDY_FILE
+from tuning import search, space
 from tuning.spec import from_dict
 
 
@@ -29,7 +30,7 @@ def tiny_spec(tmp_path: Path, **search_kw) -> dict:
 
 
 def study_trials(exp_dir: Path) -> list:
-    storage = f"sqlite:///{exp_dir / search.STUDY_FILE}"
+    storage = f"sqlite:///{exp_dir / STUDY_FILE}"
     return optuna.load_study(study_name="tiny", storage=storage).get_trials(deepcopy=False)
 
 
@@ -274,7 +275,7 @@ def test_diverging_trial_ends_as_diverged_and_the_search_goes_on(tmp_path):
 def test_searcher_tells_optuna_a_trial_without_objectives_as_pruned(tmp_path):
     exp_dir = tmp_path / "exp"
     exp_dir.mkdir()
-    searcher = search._make_searcher(from_dict(tiny_spec(tmp_path)), exp_dir)
+    searcher = space.make_searcher(from_dict(tiny_spec(tmp_path)), exp_dir)
     config = searcher.suggest("t1")
     assert {"lr", "prune_ratio"} <= set(config)
     # what a diverged trial reports last: no accuracy, no latency
