@@ -107,15 +107,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     spec = spec_mod.load(args.file, args.set)
     jobs.leave_job_dir(spec.search.storage_path)  # in a submitted job: the file is read
     res = search.search(spec, address=args.address, tracking_uri=args.tracking_uri)
-    search.print_summary(res, spec)
     return 0 if len(res.points) else 1
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from tuning import search
 
-    res, spec = search.resume(args.path, address=args.address)
-    search.print_summary(res, spec)
+    res, _ = search.resume(args.path, address=args.address)
     return 0 if len(res.points) else 1
 
 
