@@ -117,55 +117,71 @@ def run_sweep(
         compress.check_method(m)
     for r in cfg.ratios:
         compress.check_ratio(r)
-    train_cfg = train_cfg or TrainConfig()
-    cache = {} if latency_cache is None else latency_cache
-    val, test = _head(splits.val, cfg.eval_size), _head(splits.test, cfg.eval_size)
-    val_cpu, test_cpu = val.to("cpu"), test.to("cpu")
-    calibration = normalize(splits.train.x[: cfg.calibration_size].cpu())
-    bs = train_cfg.eval_batch_size
-    dense_acc = (evaluate(model, val, bs), evaluate(model, test, bs))  # the dense model, once
+    sweeper = _Sweeper(model, splits, cfg, train_cfg or TrainConfig(), {} if latency_cache is None else latency_cache)
     rows: list[dict[str, Any]] = []
-
-    def latency_of(m: nn.Module) -> dict[str, Any]:
-        key = compress.architecture_signature(m)
-        if key not in cache:
-            entry = measure.cpu_latency(m, threads=cfg.latency_threads, runs=cfg.latency_runs, warmup=cfg.latency_warmup)
-            entry["throughput_ips"] = measure.gpu_throughput(m)
-            cache[key] = entry  # a shared cache may keep an earlier trial's entry instead
-        return {"arch": key, **cache[key]}
-
-    def describe(m: nn.Module, **known: Any) -> dict[str, Any]:
-        row = {
-            **known, "sparsity": measure.sparsity(m), "nonzero_params": measure.nonzero_params(m),
-            "size_mb": measure.size_mb(m), "macs": measure.macs(m), **latency_of(m),
-        }
-        row.pop("runs", None)
-        return row
-
-    n_points = len(cfg.methods) * len(cfg.ratios) * (2 if cfg.int8 else 1)
-    with _progress(n_points, progress) as bar:
+    with _progress(len(cfg.methods) * len(cfg.ratios) * (2 if cfg.int8 else 1), progress) as bar:
         for method in cfg.methods:
             for ratio in cfg.ratios:
-                pruned = compress.prune(model, method, ratio, seed=cfg.seed)
-                acc = dense_acc if ratio == 0.0 else (evaluate(pruned, val, bs), evaluate(pruned, test, bs))
-                row: dict[str, Any] = {"method": method, "ratio": ratio}
-                if cfg.finetune_epochs > 0 and ratio > 0.0:
-                    row["accuracy_no_finetune"], row["test_accuracy_no_finetune"] = acc
-                    pruned = finetune(pruned, splits.train, train_cfg, cfg.finetune_epochs, cfg.finetune_lr)
-                    acc = (evaluate(pruned, val, bs), evaluate(pruned, test, bs))
-                shipped = compress.make_permanent(pruned).cpu().eval()
-                variants = [(False, shipped, acc)]
-                if cfg.int8:
-                    q = compress.quantize_int8(shipped, calibration)
-                    variants.append((True, q, (evaluate(q, val_cpu, bs), evaluate(q, test_cpu, bs))))
-                for int8, m, (a, ta) in variants:
-                    point = describe(m, **row, int8=int8, accuracy=a, test_accuracy=ta)
+                for point in sweeper.points(method, ratio):
                     rows.append(point)
                     if on_point is not None:
                         on_point(point)
                     bar.update()
-                    bar.set_postfix(method=method, ratio=ratio, acc=f"{a:.3f}")
-
+                    bar.set_postfix(method=method, ratio=ratio, acc=f"{point['accuracy']:.3f}")
     df = pd.DataFrame(rows)
-    df["latency_speedup"] = latency_of(compress.make_permanent(model).cpu())["latency_ms"] / df.latency_ms
+    df["latency_speedup"] = sweeper.latency(compress.make_permanent(model).cpu())["latency_ms"] / df.latency_ms
     return df.reindex(columns=COLUMNS)
+
+
+class _Sweeper:
+    """What every point of one sweep shares: the trained model, the evaluation splits (on the
+    training device, and on the CPU for INT8), the calibration images, the latency cache."""
+
+    def __init__(self, model: nn.Module, splits: Splits, cfg: SweepConfig, train_cfg: TrainConfig,
+                 cache: MutableMapping[str, dict[str, Any]]) -> None:
+        self.model, self.train, self.cfg, self.train_cfg, self.cache = model, splits.train, cfg, train_cfg, cache
+        self.val, self.test = _head(splits.val, cfg.eval_size), _head(splits.test, cfg.eval_size)
+        self.val_cpu, self.test_cpu = self.val.to("cpu"), self.test.to("cpu")
+        self.calibration = normalize(splits.train.x[: cfg.calibration_size].cpu())
+        self.dense_accuracy = self.accuracy(model)  # the dense model, once
+
+    def points(self, method: str, ratio: float) -> list[dict[str, Any]]:
+        """The point (method, ratio): pruned, evaluated, fine-tuned if asked, made permanent and
+        measured; and the same with INT8 on top when the sweep measures INT8."""
+        cfg = self.cfg
+        pruned = compress.prune(self.model, method, ratio, seed=cfg.seed)
+        acc = self.dense_accuracy if ratio == 0.0 else self.accuracy(pruned)
+        row: dict[str, Any] = {"method": method, "ratio": ratio}
+        if cfg.finetune_epochs > 0 and ratio > 0.0:
+            row["accuracy_no_finetune"], row["test_accuracy_no_finetune"] = acc
+            pruned = finetune(pruned, self.train, self.train_cfg, cfg.finetune_epochs, cfg.finetune_lr)
+            acc = self.accuracy(pruned)
+        shipped = compress.make_permanent(pruned).cpu().eval()
+        variants = [(False, shipped, acc)]
+        if cfg.int8:
+            q = compress.quantize_int8(shipped, self.calibration)
+            variants.append((True, q, self.accuracy(q, cpu=True)))
+        return [self.describe(m, **row, int8=int8, accuracy=a, test_accuracy=ta) for int8, m, (a, ta) in variants]
+
+    def accuracy(self, m: nn.Module, cpu: bool = False) -> tuple[float, float]:
+        """(validation, test) top-1 accuracy; ``cpu`` for INT8 models."""
+        val, test = (self.val_cpu, self.test_cpu) if cpu else (self.val, self.test)
+        bs = self.train_cfg.eval_batch_size
+        return evaluate(m, val, bs), evaluate(m, test, bs)
+
+    def describe(self, m: nn.Module, **known: Any) -> dict[str, Any]:
+        """``known`` plus what ``m`` costs: sparsity, nonzero parameters, size, MACs, latency."""
+        row = {**known, "sparsity": measure.sparsity(m), "nonzero_params": measure.nonzero_params(m),
+               "size_mb": measure.size_mb(m), "macs": measure.macs(m), **self.latency(m)}
+        row.pop("runs", None)
+        return row
+
+    def latency(self, m: nn.Module) -> dict[str, Any]:
+        """CPU latency (and GPU throughput) of ``m``'s architecture, measured once per signature."""
+        key = compress.architecture_signature(m)
+        if key not in self.cache:
+            cfg = self.cfg
+            entry = measure.cpu_latency(m, threads=cfg.latency_threads, runs=cfg.latency_runs, warmup=cfg.latency_warmup)
+            entry["throughput_ips"] = measure.gpu_throughput(m)
+            self.cache[key] = entry  # a shared cache may keep an earlier trial's entry instead
+        return {"arch": key, **self.cache[key]}
