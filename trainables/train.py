@@ -227,6 +227,19 @@ def _check_same_run(ckpt: dict[str, Any], cfg: TrainConfig) -> None:
         )
 
 
+def _restore(resume: dict[str, Any], cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,
+             sched) -> list[dict[str, float]]:
+    """Put a checkpoint's model, optimiser, scheduler and RNG state back; return its history."""
+    _check_same_run(resume, cfg)
+    model.load_state_dict(resume["model"])
+    opt.load_state_dict(resume["optimizer"])
+    sched.load_state_dict(resume["scheduler"])
+    torch.set_rng_state(resume["rng"]["torch"])
+    if "cuda" in resume["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+    return list(resume["history"])
+
+
 def fit(
     splits: Splits,
     cfg: TrainConfig,
@@ -252,18 +265,8 @@ def fit(
     opt = make_optimizer(model, cfg)
     steps = max(1, len(splits.train) // cfg.batch_size)
     sched = make_scheduler(opt, cfg, steps)
-    history: list[dict[str, float]] = []
-    start_epoch = 1
-    if resume is not None:
-        _check_same_run(resume, cfg)
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if "cuda" in resume["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-        history = list(resume["history"])
-        start_epoch = resume["epoch"] + 1
+    history = _restore(resume, cfg, model, opt, sched) if resume is not None else []
+    start_epoch = resume["epoch"] + 1 if resume is not None else 1
 
     result = FitResult(model=model, history=history, checkpoint=str(checkpoint_path) if checkpoint_path else None)
     train_seconds = sum(h["seconds"] for h in history)
