@@ -93,10 +93,11 @@ def plot_front(res: SearchResult, objectives: list[Objective]) -> Path | None:
     the recipe a user exports (lr, method, ratio, int8). Two objectives only.
 
     Optuna's ``plot_pareto_front`` draws a study's trials instead, and the study holds only
-    the points its search space can express: a grid search has no study, INT8 points of a
-    search that does not sample INT8 and ratios outside ``[ratio_min, ratio_max]`` are not in
-    it, so its front can differ from ``pareto.csv``; and it labels no point. This plot draws
-    exactly ``all_points.csv`` and ``pareto.csv``.
+    the points its search space can express: a grid search has no study, and sweep points at
+    ratios outside ``[ratio_min, ratio_max]`` or of methods the search does not sample
+    (``search_method = false``) are not in it, so its front can differ from ``pareto.csv``;
+    it labels no point, and its matplotlib version is experimental in Optuna 5.0. This plot
+    draws exactly ``all_points.csv`` and ``pareto.csv``.
     """
     if len(res.front) == 0 or len(objectives) != 2:
         return None
