@@ -76,9 +76,10 @@ def test_export_checks_agreement_and_refuses_int8_onnx(checkpoint, spec, splits,
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, checkpoint, spec, splits):
     """The front of a (pretend) search registered in a SQLite store: two points of one trial."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+    store = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{store}/mlflow.db"
     client = MlflowClient(uri)
-    exp = client.create_experiment(spec.name)
+    exp = client.create_experiment(spec.name, artifact_location=str(store / "artifacts"))  # not ./mlruns
     parent = client.create_run(exp).info.run_id
     trial = client.create_run(exp, tags={"mlflow.parentRunId": parent})
     client.log_param(trial.info.run_id, "method", "channel_l1")
@@ -113,9 +114,13 @@ def test_resolve_a_run_or_an_alias(registered, spec):
         models.resolve(uri, f"models:/{spec.name}", None, None, None)
 
 
+def trial_run_experiment(uri: str) -> str:
+    return MlflowClient(uri).get_experiment_by_name("unitmodels").experiment_id
+
+
 def test_export_point_rederives_from_the_trial_run(registered, tmp_path):
     uri, trial_run, _ = registered
     agreement, n = models.export_point(uri, Point(trial_run, "channel_l1", 0.5, False), "onnx", tmp_path / "p.onnx")
     assert agreement == 1.0 and n == 20 and (tmp_path / "p.onnx").stat().st_size > 0
     with pytest.raises(ModelError, match=f"has no {CHECKPOINT_ARTIFACT} artifact"):
-        models.dense_from_run(uri, MlflowClient(uri).create_run("0").info.run_id)  # not a trial run
+        models.dense_from_run(uri, MlflowClient(uri).create_run(trial_run_experiment(uri)).info.run_id)  # no checkpoint

@@ -38,9 +38,14 @@ def reports(trial_id: str, epochs: int = 2, diverge: bool = False) -> list[dict]
 
 @pytest.fixture
 def store(tmp_path):
+    """A SQLite store whose experiment keeps its artifacts in tmp_path (not ./mlruns)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     spec = from_dict({"name": "unit", "search": {"storage_path": str(tmp_path / "rr")}}).to_dict()
     return uri, spec, tmp_path / "rr" / "unit-1"
+
+
+def experiment(uri: str, where: Path) -> None:
+    MlflowClient(uri).create_experiment("unit", artifact_location=str(where / "artifacts"))
 
 
 def children(uri: str, tracker: MlflowTracking) -> dict:
@@ -49,6 +54,7 @@ def children(uri: str, tracker: MlflowTracking) -> dict:
 
 def test_parent_run_is_found_again_not_duplicated(store):
     uri, spec, exp_dir = store
+    experiment(uri, exp_dir.parent)
     first = MlflowTracking(uri, spec, exp_dir)
     client = MlflowClient(uri)
     parent = client.get_run(first.parent_id)
@@ -63,6 +69,7 @@ def test_parent_run_is_found_again_not_duplicated(store):
 
 def test_a_trial_is_mirrored_report_by_report(store, tmp_path):
     uri, spec, exp_dir = store
+    experiment(uri, exp_dir.parent)
     tracker = MlflowTracking(uri, spec, exp_dir)
     for report in reports("t1"):
         tracker.log_result("t1", {"lr": 0.01, "prune_ratio": 0.5}, report)
@@ -89,6 +96,7 @@ def test_a_trial_is_mirrored_report_by_report(store, tmp_path):
 
 def test_diverged_and_errored_trials_end_failed(store):
     uri, spec, exp_dir = store
+    experiment(uri, exp_dir.parent)
     tracker = MlflowTracking(uri, spec, exp_dir)
     for report in reports("bad", diverge=True):
         tracker.log_result("bad", {}, report)
@@ -102,6 +110,7 @@ def test_diverged_and_errored_trials_end_failed(store):
 
 def test_a_trial_that_missed_a_result_stays_open(store):
     uri, spec, exp_dir = store
+    experiment(uri, exp_dir.parent)
     tracker = MlflowTracking(uri, spec, exp_dir)
     tracker.log_result("t1", {}, reports("t1")[0])
     tracker.missed.add("t1")  # what the hooks record when the server did not answer
@@ -137,6 +146,7 @@ def toy_grid(tmp_path_factory):
 
 def test_backfill_logs_every_report_ray_kept_in_order(store, toy_grid):
     uri, spec, exp_dir = store
+    experiment(uri, exp_dir.parent)
     tracker = MlflowTracking(uri, spec, exp_dir)
     ids = {r.config["diverge"]: r.metrics["trial_id"] for r in toy_grid}
     good_result = next(r for r in toy_grid if not r.config["diverge"])
@@ -159,6 +169,7 @@ def test_the_front_is_read_back_with_run_ids(store, tmp_path):
     uri, spec, exp_dir = store
     with pytest.raises(runs.NotFound, match="no MLflow experiment 'unit'"):
         runs.load_front(uri, "unit")
+    experiment(uri, exp_dir.parent)
     tracker = MlflowTracking(uri, spec, exp_dir)
     tracker.log_result("08088346", {}, reports("08088346")[0])  # an all-digit trial id stays a string
     with pytest.raises(runs.NotFound, match="no finished prunetune search in experiment 'unit'"):
