@@ -3,11 +3,11 @@
 Three strategies, each over ``--seeds`` seeds, on a cheap surrogate instead of training:
 
 - ``random``: Optuna's RandomSampler; the study is told one point per trained trial.
-- ``optuna``: the project's multi-objective TPE sampler (``tuning.search.make_sampler``:
+- ``optuna``: the project's multi-objective TPE sampler (``tuning.space.make_sampler``:
   multivariate, seeded); the study is told one point per trained trial.
 - ``optuna+feedback``: the same sampler, and after each trained trial every other point of
   its sweep is added to the study as a completed trial, through
-  ``tuning.search.sweep_evidence`` exactly as ``SweepFeedbackSearch.on_trial_complete`` does.
+  ``tuning.space.sweep_evidence`` exactly as ``SweepFeedbackSearch.on_trial_complete`` does.
 
 What is scored: every trained trial always runs its whole sweep (both methods, ratios
 0.0-0.8 step 0.1 plus its own ratio), so for **every** strategy the hypervolume is taken over
@@ -47,7 +47,7 @@ import optuna
 import pandas as pd
 
 from tuning import pareto
-from tuning.search import make_sampler, optuna_space, sweep_evidence
+from tuning.space import make_sampler, optuna_space, sweep_evidence
 from tuning.spec import Spec, from_dict
 
 TABLE = Path(__file__).resolve().parents[1].parent / "shared/data/seed_tables.csv"
@@ -106,8 +106,8 @@ def train_and_sweep(sur: Surrogate, spec: Spec, params: dict[str, Any], seed: in
             for m in spec.sweep.methods for r in sorted(set(spec.sweep.ratios) | {ratio})]
     df = pd.DataFrame(rows)
     own = df[(df.method == method) & (df.ratio == ratio)].iloc[0]
-    return {"lr": lr, "method": method, "prune_ratio": ratio, "int8": False, "sweep_json": df.to_json(orient="records"),
-            "sweep": df, **{m: float(own[m]) for m in METRICS}}
+    return {"lr": lr, "method": method, "prune_ratio": ratio, "int8": False, "sweep": df,
+            **{m: float(own[m]) for m in METRICS}}
 
 
 def run(strategy: str, seed: int, budget: int, sur: Surrogate) -> list[float]:
@@ -122,7 +122,7 @@ def run(strategy: str, seed: int, budget: int, sur: Surrogate) -> list[float]:
         result = train_and_sweep(sur, spec, trial.params, seed, i)
         study.tell(trial, [result[m] for m in METRICS])
         if strategy == "optuna+feedback":
-            for params, values in sweep_evidence(result, space, METRICS):
+            for params, values in sweep_evidence(result["sweep"], result, space, METRICS):
                 study.add_trial(optuna.trial.create_trial(
                     params=params, distributions={k: space[k] for k in params}, values=values))
         points.append(result["sweep"])

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import pickle
 import subprocess
 import sys
@@ -17,6 +20,29 @@ def prunetune(*args: str, env: dict | None = None, cwd: Path = REPO,
     """Run the ``prunetune`` command line of this checkout in a child process."""
     return subprocess.run([sys.executable, "-m", "tuning.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def prunetune_here(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``prunetune ARGS`` in this process: the real ``main`` and modules, for commands that fail
+    in their first second (where a child process spends seconds importing torch to print one
+    line). ``env`` and ``cwd`` stand for the process environment and working directory during
+    the call; an exception ``main`` does not turn into exit code 2 fails the test."""
+    from tuning import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        os.chdir(cwd or REPO)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(["prunetune", *args], code, out.getvalue(), err.getvalue())
 
 
 def write_cifar_fixture(root: Path, n_per_batch: int = 20, n_test: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SUBSET, prunetune
+from conftest import REPO, SUBSET, prunetune, prunetune_here
 
 
+@pytest.mark.slow
 def test_train_json_contract(tiny_spec_file):
     r = prunetune("train", str(tiny_spec_file), "--set", "train.epochs=1", "--json")
     assert r.returncode == 0, r.stderr
@@ -23,6 +24,7 @@ def test_train_json_contract(tiny_spec_file):
     assert Path(out["checkpoint"]).is_file()
 
 
+@pytest.mark.slow
 def test_killed_train_resumes_from_its_checkpoint(tiny_spec_file):
     cmd = [sys.executable, "-m", "tuning.cli", "train", str(tiny_spec_file), "--set", "train.epochs=3"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -53,22 +55,24 @@ def test_killed_train_resumes_from_its_checkpoint(tiny_spec_file):
     ],
 )
 def test_bad_input_is_one_clear_line(tiny_spec_file, override, message):
-    r = prunetune("train", str(tiny_spec_file), "--set", override)
+    r = prunetune_here("train", str(tiny_spec_file), "--set", override)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
 def test_missing_dataset_path(tiny_spec_file, tmp_path):
-    r = prunetune("train", str(tiny_spec_file), "--set", "data.dataset=npz", "--set", f"data.path={tmp_path}/none.npz")
+    r = prunetune_here("train", str(tiny_spec_file), "--set", "data.dataset=npz", "--set", f"data.path={tmp_path}/none.npz")
     assert r.returncode == 2 and "none.npz not found" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_diverging_lr(tiny_spec_file):
     r = prunetune("train", str(tiny_spec_file), "--set", "train.lr=1e12", "--set", "train.optimizer=sgd",
                   "--set", "train.schedule=constant")
     assert r.returncode == 2 and "diverged at epoch 1" in r.stderr and "lr=1e+12" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SUBSET.is_file(), reason="shared CIFAR-10 subset not present")
 def test_train_on_real_cifar_subset(tmp_path):
     r = prunetune(
@@ -82,7 +86,7 @@ def test_train_on_real_cifar_subset(tmp_path):
 
 def test_cifar_subset_absent_is_clear(tmp_path):
     # the experiment file's relative path, resolved from a directory where it does not exist
-    r = prunetune("train", str(REPO / "experiments/cifar10_subset.toml"), cwd=tmp_path)
+    r = prunetune_here("train", str(REPO / "experiments/cifar10_subset.toml"), cwd=tmp_path)
     assert r.returncode == 2 and "cifar10-subset.npz not found" in r.stderr
 
 
@@ -111,6 +115,7 @@ eval_size = 30
     return json.loads(r.stdout.splitlines()[-1])["checkpoint"]
 
 
+@pytest.mark.slow
 def test_sweep_json_contract(tiny_checkpoint, tmp_path):
     r = prunetune("sweep", tiny_checkpoint, "--methods", "global_l1,layer_l1", "--ratios", "0:0.6:0.3", "--json")
     assert r.returncode == 0, r.stderr
@@ -124,6 +129,7 @@ def test_sweep_json_contract(tiny_checkpoint, tmp_path):
     assert "latency_ms" in r.stdout.splitlines()[1] or "latency_ms" in r.stdout  # the printed table
 
 
+@pytest.mark.slow
 def test_sweep_csv(tiny_checkpoint, tmp_path):
     out = tmp_path / "s.csv"
     r = prunetune("sweep", tiny_checkpoint, "--methods", "channel_l1", "--ratios", "0.5", "--int8", "--csv", str(out))
@@ -133,8 +139,9 @@ def test_sweep_csv(tiny_checkpoint, tmp_path):
     assert list(df.int8) == [False, True] and (df.method == "channel_l1").all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["--ratios", "0,1.2"], "every ratio must be in [0, 1)"),
+    (["--ratios", "0,1.2"], "[sweep] ratio 1.2 is outside [0, 1)"),
     (["--ratios", "a:b"], "use start:stop:step"),
     (["--methods", "magic"], "unknown method 'magic'"),
 ])
@@ -145,13 +152,14 @@ def test_sweep_bad_options(tiny_checkpoint, args, message):
 
 def test_sweep_bad_checkpoints(tmp_path):
     import torch
-    r = prunetune("sweep", str(tmp_path / "none.pt"))
+    r = prunetune_here("sweep", str(tmp_path / "none.pt"))
     assert r.returncode == 2 and "not found" in r.stderr
     torch.save({"arch": "vit_b_16", "model": {}}, tmp_path / "vit.pt")
-    r = prunetune("sweep", str(tmp_path / "vit.pt"))
+    r = prunetune_here("sweep", str(tmp_path / "vit.pt"))
     assert r.returncode == 2 and "vit_b_16" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_ui_serves_the_tracking_store(tmp_path):
     import socket
     import urllib.request
@@ -178,13 +186,13 @@ def test_ui_serves_the_tracking_store(tmp_path):
 
 def test_submit_and_search_address_errors(tiny_spec_file):
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_API_SERVER_ADDRESS")}
-    r = prunetune("submit", str(tiny_spec_file), env=env, timeout=120)
+    r = prunetune_here("submit", str(tiny_spec_file), env=env)
     assert r.returncode == 2 and "submit needs --tracking-uri" in r.stderr
-    r = prunetune("submit", str(tiny_spec_file), "--address", "http://127.0.0.1:1", "--tracking-uri",
-                  "http://mlflow:5000", env=env, timeout=120)
+    r = prunetune_here("submit", str(tiny_spec_file), "--address", "http://127.0.0.1:1", "--tracking-uri",
+                       "http://mlflow:5000", env=env)
     assert r.returncode == 2 and "cannot reach the Ray Jobs API at 'http://127.0.0.1:1'" in r.stderr
-    r = prunetune("submit", str(tiny_spec_file), "--set", "train.lr=-1", "--tracking-uri", "http://mlflow:5000",
-                  env=env, timeout=120)
+    r = prunetune_here("submit", str(tiny_spec_file), "--set", "train.lr=-1", "--tracking-uri",
+                       "http://mlflow:5000", env=env)
     assert r.returncode == 2 and "lr must be > 0" in r.stderr  # checked here, before anything is submitted
-    r = prunetune("search", str(tiny_spec_file), "--address", "http://127.0.0.1:8265", env=env, timeout=120)
+    r = prunetune_here("search", str(tiny_spec_file), "--address", "http://127.0.0.1:8265", env=env)
     assert r.returncode == 2 and "prunetune submit FILE --address http://127.0.0.1:8265" in r.stderr

@@ -19,6 +19,8 @@ import pytest
 from conftest import REPO, prunetune, write_spec
 from servers import MlflowServer, RayCluster, wait_for
 
+pytestmark = pytest.mark.slow  # a Ray cluster and an MLflow server per module, minutes per test
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

@@ -1,6 +1,7 @@
 """Tests for trainables.compress: pruning methods, masks, INT8 and architecture signatures."""
 from __future__ import annotations
 
+import statistics
 import warnings
 
 import pytest
@@ -172,7 +173,7 @@ def test_channel_l1_keeps_the_training_mode():
 
 @pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
 def test_ratio_outside_unit_interval_is_rejected(dense, ratio):
-    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"is outside \[0, 1\)"):
         prune(dense, "global_l1", ratio)
 
 
@@ -192,9 +193,14 @@ def test_int8_model_agrees_with_fp32(dense, int8_dense):
 
 
 def test_int8_is_faster_than_fp32_on_one_thread(dense, int8_dense):
-    fp32 = cpu_latency(dense, runs=20, warmup=5)["latency_ms"]
-    int8 = cpu_latency(int8_dense, runs=20, warmup=5)["latency_ms"]
-    assert int8 * 1.5 <= fp32
+    # Real INT8 kernels, not fake quantization: ~4.4x faster here (BENCHMARKS.md). The two
+    # models are timed alternately, so outside load slows both alike, and the 1.5x bar leaves
+    # a ~3x margin; repeatability and the speedup itself are measured by bench_latency.py.
+    fp32, int8 = [], []
+    for _ in range(15):
+        fp32.append(cpu_latency(dense, runs=1, warmup=1)["latency_ms"])
+        int8.append(cpu_latency(int8_dense, runs=1, warmup=1)["latency_ms"])
+    assert statistics.median(int8) * 1.5 <= statistics.median(fp32), (fp32, int8)
 
 
 def test_int8_applies_on_top_of_pruned_models_silently(masked, channel):

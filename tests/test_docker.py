@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from tuning import cli
+from tuning import cli, jobs
 
 DOCKER = REPO / "docker"
 BIN = Path(sys.executable).parent
@@ -80,7 +80,7 @@ def test_compose_services_and_commands(compose):
     # workers join the head service at the head's GCS port
     assert worker["--address"] == f"ray-head:{head['--port']}"
     # the Jobs API port is the one `prunetune submit` defaults to; Ray Client's is the one README uses
-    assert int(head["--dashboard-port"]) == port_of(cli.DEFAULT_JOBS_ADDRESS)
+    assert int(head["--dashboard-port"]) == port_of(jobs.DEFAULT_JOBS_ADDRESS)
     assert head["--dashboard-host"] == "0.0.0.0"
     published = {p.split(":")[0] for s in services.values() for p in s.get("ports", [])}
     assert {head["--dashboard-port"], head["--ray-client-server-port"], server["--port"]} <= published
@@ -168,5 +168,5 @@ def test_readme_cluster_section_matches_the_files(compose):
     assert "docker compose -f docker/compose.yaml up" in section
     for service in re.findall(r"--scale ([\w-]+)=", section):
         assert service in compose["services"]
-    assert "prunetune submit" in section and cli.DEFAULT_JOBS_ADDRESS.rsplit(":", 1)[1] in section
+    assert "prunetune submit" in section and jobs.DEFAULT_JOBS_ADDRESS.rsplit(":", 1)[1] in section
     assert "ray://" in section and compose["services"]["ray-head"]["command"].split("--ray-client-server-port")[1].split()[0] in section

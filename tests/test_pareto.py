@@ -66,7 +66,9 @@ def test_knee_is_balanced_point():
     assert pareto.knee(f, OBJ) == 1
 
 
-def test_parse_objectives():
-    assert pareto.parse_objectives(["accuracy:max"]) == [("accuracy", "max")]
-    with pytest.raises(ValueError, match="METRIC:max"):
-        pareto.parse_objectives(["accuracy"])
+def test_objective_parse_and_str():
+    o = pareto.Objective.parse("accuracy:max")
+    assert o == ("accuracy", "max") and (o.metric, o.mode) == ("accuracy", "max") and str(o) == "accuracy:max"
+    for bad in ("accuracy", "accuracy:maximum", "acc:max"):
+        with pytest.raises(ValueError, match="METRIC:max or METRIC:min with METRIC one of accuracy"):
+            pareto.Objective.parse(bad)

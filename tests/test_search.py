@@ -11,8 +11,9 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import REPO, prunetune
-from tuning import search
+from conftest import REPO, prunetune, prunetune_here
+from trainables.names import STUDY_FILE
+from tuning import search, space
 from tuning.spec import from_dict
 
 
@@ -29,7 +30,7 @@ def tiny_spec(tmp_path: Path, **search_kw) -> dict:
 
 
 def study_trials(exp_dir: Path) -> list:
-    storage = f"sqlite:///{exp_dir / search.STUDY_FILE}"
+    storage = f"sqlite:///{exp_dir / STUDY_FILE}"
     return optuna.load_study(study_name="tiny", storage=storage).get_trials(deepcopy=False)
 
 
@@ -51,6 +52,7 @@ def gpu_search(tmp_path_factory):
     return res, uri
 
 
+@pytest.mark.slow
 def test_fractional_gpu_slots(gpu_search):
     res, _ = gpu_search
     t = res.trials
@@ -61,6 +63,7 @@ def test_fractional_gpu_slots(gpu_search):
     assert sorted(t.cuda_visible_devices.astype(str)) == ["0", "0", "1", "1"], t.to_string()
 
 
+@pytest.mark.slow
 def test_study_holds_every_trial_and_sweep_point(gpu_search):
     res, _ = gpu_search
     trials = study_trials(res.path)
@@ -71,6 +74,7 @@ def test_study_holds_every_trial_and_sweep_point(gpu_search):
     assert (0.5, "channel_l1") in swept and (0.0, "global_l1") in swept
 
 
+@pytest.mark.slow
 def test_points_front_and_shared_latency(gpu_search):
     res, _ = gpu_search
     assert (res.path / "all_points.csv").is_file() and len(res.front) >= 1
@@ -81,6 +85,7 @@ def test_points_front_and_shared_latency(gpu_search):
     assert pts.trial_id.nunique() == 4 and pts.groupby("arch").trial_id.nunique().max() == 4
 
 
+@pytest.mark.slow
 def test_mlflow_runs_metrics_artifacts_and_registry(gpu_search):
     from mlflow import MlflowClient
 
@@ -116,6 +121,7 @@ def cli(*args: str, uri: str) -> subprocess.CompletedProcess:
     return prunetune(*args, "--tracking-uri", uri, timeout=600)
 
 
+@pytest.mark.slow
 def test_pareto_json_equals_front_of_all_points(gpu_search):
     from tuning import pareto
 
@@ -132,6 +138,7 @@ def test_pareto_json_equals_front_of_all_points(gpu_search):
     assert r.returncode == 2 and "no MLflow experiment 'nope'" in r.stderr
 
 
+@pytest.mark.slow
 def test_export_knee_to_onnx_checked_by_onnxruntime(gpu_search, tmp_path):
     import numpy as np
     import onnxruntime as ort
@@ -145,6 +152,7 @@ def test_export_knee_to_onnx_checked_by_onnxruntime(gpu_search, tmp_path):
     assert session.run(None, {"image": np.zeros((3, 3, 32, 32), np.float32)})[0].shape == (3, 10)
 
 
+@pytest.mark.slow
 def test_export_unswept_ratio_int8_torchscript_and_bad_refs(gpu_search, tmp_path):
     import torch
 
@@ -171,6 +179,7 @@ def _done_trials(exp_dir: Path) -> int:
     return n
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
     spec_file = tmp_path / "s.toml"
     d = tiny_spec(tmp_path, max_concurrent_trials=1, cpus_per_trial=2.0, register_models=0)
@@ -223,7 +232,7 @@ def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
 def test_unreachable_ray_address_is_clear(tmp_path):
     spec_file = tmp_path / "s.toml"
     spec_file.write_text('[data]\ntrain_size = 60\n')
-    r = prunetune("search", str(spec_file), "--address", "127.0.0.1:1", timeout=300)
+    r = prunetune_here("search", str(spec_file), "--address", "127.0.0.1:1")
     assert r.returncode == 2 and "cannot reach the Ray cluster at '127.0.0.1:1'" in r.stderr
 
 
@@ -231,16 +240,17 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path):
     spec_file = tmp_path / "s.toml"
     spec_file.write_text(f'[data]\ntrain_size = 60\n[search]\nstorage_path = "{tmp_path}/rr"\n')
     t0 = time.time()
-    r = prunetune("search", str(spec_file), "--tracking-uri", "http://127.0.0.1:1", timeout=300)
+    r = prunetune_here("search", str(spec_file), "--tracking-uri", "http://127.0.0.1:1")
     assert r.returncode == 2 and "cannot use the MLflow tracking store 'http://127.0.0.1:1'" in r.stderr
     assert "epoch" not in r.stdout and not (tmp_path / "rr").exists() and time.time() - t0 < 120
 
 
 def test_resume_of_a_non_search_dir(tmp_path):
-    r = prunetune("resume", str(tmp_path), timeout=120)
+    r = prunetune_here("resume", str(tmp_path))
     assert r.returncode == 2 and "not a prunetune search directory" in r.stderr
 
 
+@pytest.mark.slow
 def test_diverging_trial_ends_as_diverged_and_the_search_goes_on(tmp_path):
     import ray
 
@@ -276,7 +286,7 @@ def test_diverging_trial_ends_as_diverged_and_the_search_goes_on(tmp_path):
 def test_searcher_tells_optuna_a_trial_without_objectives_as_pruned(tmp_path):
     exp_dir = tmp_path / "exp"
     exp_dir.mkdir()
-    searcher = search._make_searcher(from_dict(tiny_spec(tmp_path)), exp_dir)
+    searcher = space.make_searcher(from_dict(tiny_spec(tmp_path)), exp_dir)
     config = searcher.suggest("t1")
     assert {"lr", "prune_ratio"} <= set(config)
     # what a diverged trial reports last: no accuracy, no latency

@@ -100,3 +100,30 @@ def test_storage_path_default_from_env_and_uris_refused(tmp_path, monkeypatch):
     assert spec_mod.from_dict({}).search.storage_path == str(Path("ray_results").resolve())
     with pytest.raises(SpecError, match="storage_path 's3://bucket/x': object store URIs are not supported"):
         spec_mod.from_dict({"search": {"storage_path": "s3://bucket/x"}})
+
+
+def test_objectives_are_parsed_on_load_and_written_back(tmp_path):
+    spec = spec_mod.load(write(tmp_path, '[search]\nobjectives = ["test_accuracy:max", "size_mb:min"]\n'))
+    assert spec.search.objectives == [("test_accuracy", "max"), ("size_mb", "min")]
+    assert spec.search.objectives[1].metric == "size_mb" and spec.search.objectives[1].mode == "min"
+    assert spec.to_dict()["search"]["objectives"] == ["test_accuracy:max", "size_mb:min"]
+    with pytest.raises(SpecError, match=r"\[search\] objectives\[0\]: objective 'speed:max' must be METRIC:max"):
+        spec_mod.load(write(tmp_path, '[search]\nobjectives = ["speed:max"]\n'))
+
+
+def test_replace_validates_like_a_file(tmp_path):
+    spec = spec_mod.load(write(tmp_path, "[sweep]\nratios = [0.0, 0.5]\n"))
+    changed = spec_mod.replace(spec, {"sweep.ratios": [0.0, 0.3], "sweep.int8": True}, source="options")
+    assert changed.sweep.ratios == [0.0, 0.3] and changed.sweep.int8 and spec.sweep.ratios == [0.0, 0.5]
+    with pytest.raises(SpecError, match=r"^options: \[sweep\] ratio 1.2 is outside \[0, 1\)"):
+        spec_mod.replace(spec, {"sweep.ratios": [1.2]}, source="options")
+    with pytest.raises(SpecError, match=r"^options: unknown key 'nope' in \[sweep\]"):
+        spec_mod.replace(spec, {"sweep.nope": 1}, source="options")
+
+
+def test_parse_ratios():
+    assert spec_mod.parse_ratios("0:0.8:0.2") == [0.0, 0.2, 0.4, 0.6, 0.8]
+    assert spec_mod.parse_ratios("0.5,0,0.5") == [0.0, 0.5]
+    for bad in ("a:b", "0:0.8:0", "0,x"):
+        with pytest.raises(SpecError, match="use start:stop:step"):
+            spec_mod.parse_ratios(bad)

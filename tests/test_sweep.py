@@ -128,7 +128,7 @@ def test_qat_int8_rows_keep_the_mask(trained):
     assert 0 <= q.accuracy <= 1 and q.size_mb < 0.5 * df[~df.int8].iloc[0].size_mb  # INT8 weights
 
 
-@pytest.mark.parametrize("kw, msg", [({"methods": ["magic"]}, "unknown compression method 'magic'"),
+@pytest.mark.parametrize("kw, msg", [({"methods": ["magic"]}, "unknown method 'magic'"),
                                      ({"ratios": [1.0]}, r"outside \[0, 1\)")])
 def test_bad_input(trained, kw, msg):
     model, splits = trained

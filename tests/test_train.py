@@ -19,6 +19,7 @@ def cfg(**kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+@pytest.mark.slow  # three 3-epoch runs
 def test_resume_matches_uninterrupted_run(tiny, tmp_path):
     full = fit(tiny, cfg(), checkpoint_path=tmp_path / "full.pt")
     # interrupted after epoch 2: a 3-epoch run whose process dies after its 2nd checkpoint

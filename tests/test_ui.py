@@ -12,6 +12,8 @@ import pytest
 from conftest import prunetune, write_spec
 from servers import MlflowServer
 
+pytestmark = pytest.mark.slow  # an MLflow server, a search and a browser
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REQUIRED = os.environ.get("PRUNETUNE_REQUIRE_BROWSER") == "1"
 

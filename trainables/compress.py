@@ -70,7 +70,8 @@ def prune(model: nn.Module, method: str, ratio: float, *, seed: int = 0, round_t
     ``weight_mask``) on the returned model, so fine-tuning it keeps pruned weights exactly
     zero; call ``make_permanent`` before shipping or timing it.
     """
-    _check_args(method, ratio)
+    check_method(method)
+    check_ratio(ratio)
     pruned = clone(model).to(memory_format=torch.contiguous_format)
     if ratio == 0.0:
         return pruned
@@ -224,11 +225,16 @@ def architecture_signature(model: nn.Module) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _check_args(method: str, ratio: float) -> None:
+def check_method(method: str) -> None:
+    """ValueError unless ``method`` is one of :data:`METHODS`; the message lists them."""
     if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; allowed: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+
+
+def check_ratio(ratio: float) -> None:
+    """ValueError unless ``ratio`` is a prune ratio, i.e. in [0, 1)."""
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio {ratio!r} must be in [0, 1)")
+        raise ValueError(f"ratio {ratio!r} is outside [0, 1)")
 
 
 def _weighted_layers(model: nn.Module) -> list[nn.Module]:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, MutableMapping
+from typing import Any, Callable, Literal, Mapping, MutableMapping
 
 import pandas as pd
 import torch
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from trainables import compress, measure, ort
 from trainables.data import Split, Splits, normalize
+from trainables.names import SWEEP_TABLE
 from trainables.train import (
     LossFn, TrainConfig, evaluate, for_training, make_optimizer, make_scheduler, plain_layout, train_one_epoch,
 )
@@ -70,6 +72,22 @@ COLUMNS = [
     "test_accuracy_no_finetune", "sparsity", "nonzero_params", "size_mb", "macs", "latency_ms",
     "latency_p90_ms", "latency_cv", "latency_speedup", "throughput_ips", "arch", "cpu", "threads", "runtime", "error",
 ]
+
+
+def table_to_json(df: pd.DataFrame) -> str:
+    """The sweep table as a trial's final report carries it (under ``names.SWEEP_TABLE``):
+    JSON records, one per point. Read it back with :func:`table_from_report`."""
+    return df.to_json(orient="records")
+
+
+def table_from_report(report: Mapping[str, Any]) -> pd.DataFrame | None:
+    """The sweep table in a trial's report, or None when it has none (an epoch report, a
+    diverged trial). ``json.loads`` keeps every value's JSON type, so a hash like ``arch`` stays
+    a string where ``pd.read_json`` may turn an all-digit one into a number."""
+    text = report.get(SWEEP_TABLE)
+    if not isinstance(text, str) or not text:
+        return None
+    return pd.DataFrame.from_records(json.loads(text))
 
 
 def distillation_loss(teacher: nn.Module, cfg: SweepConfig, label_smoothing: float = 0.0) -> LossFn:
@@ -277,12 +295,10 @@ def run_sweep(
     the CPU). ``train_cfg`` is the recipe used for fine-tuning (batch size, seed, ...).
     Returns one row per point with the columns of :data:`COLUMNS`.
     """
-    for m in cfg.methods:
-        if m not in compress.METHODS:
-            raise ValueError(f"unknown compression method {m!r}; choose from {', '.join(compress.METHODS)}")
+    for m in cfg.methods:  # fail before any work
+        compress.check_method(m)
     for r in cfg.ratios:
-        if not 0.0 <= r < 1.0:
-            raise ValueError(f"prune ratio {r} is outside [0, 1)")
+        compress.check_ratio(r)
     sweep = _Sweep(model, splits, cfg, train_cfg or TrainConfig(), {} if latency_cache is None else latency_cache)
     rows: list[dict[str, Any]] = []
     with _progress(len(cfg.methods) * len(cfg.ratios) * (2 if cfg.int8 else 1), progress) as bar:

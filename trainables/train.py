@@ -263,6 +263,27 @@ def _check_same_run(ckpt: dict[str, Any], cfg: TrainConfig) -> None:
         )
 
 
+def _restore(resume: dict[str, Any], cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,
+             sched, device: torch.device) -> list[dict[str, float]]:
+    """Put a checkpoint's model, optimiser, scheduler and RNG state back; return its history.
+
+    Batches draw from their own (seed, epoch) generators, so the CPU state is all there is;
+    older checkpoints' per-GPU CUDA states are ignored (their count need not match this node's).
+    """
+    _check_same_run(resume, cfg)
+    model.load_state_dict(resume["model"])
+    opt.load_state_dict(resume["optimizer"])
+    sched.load_state_dict(resume["scheduler"])
+    torch.set_rng_state(resume["rng"]["torch"])
+    trained_on = resume.get("device", device.type)
+    if trained_on != device.type:
+        warnings.warn(ResumeWarning(
+            f"resuming a run that trained on {trained_on} on {device.type}: epochs from {resume['epoch'] + 1} on "
+            f"shuffle and augment with the {device.type} generator, so the weights will differ from an "
+            f"uninterrupted {trained_on} run"), stacklevel=3)
+    return list(resume["history"])
+
+
 def fit(
     splits: Splits,
     cfg: TrainConfig,
@@ -286,24 +307,8 @@ def fit(
     opt = make_optimizer(model, cfg)
     steps = max(1, len(splits.train) // cfg.batch_size)
     sched = make_scheduler(opt, cfg, steps)
-    history: list[dict[str, float]] = []
-    start_epoch = 1
-    if resume is not None:
-        _check_same_run(resume, cfg)
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        # batches draw from their own (seed, epoch) generators, so the CPU state is all there is;
-        # older checkpoints' per-GPU CUDA states are ignored (their count need not match this node's)
-        torch.set_rng_state(resume["rng"]["torch"])
-        trained_on = resume.get("device", device.type)
-        if trained_on != device.type:
-            warnings.warn(ResumeWarning(
-                f"resuming a run that trained on {trained_on} on {device.type}: epochs from "
-                f"{resume['epoch'] + 1} on shuffle and augment with the {device.type} generator, so the "
-                f"weights will differ from an uninterrupted {trained_on} run"), stacklevel=2)
-        history = list(resume["history"])
-        start_epoch = resume["epoch"] + 1
+    history = _restore(resume, cfg, model, opt, sched, device) if resume is not None else []
+    start_epoch = resume["epoch"] + 1 if resume is not None else 1
 
     result = FitResult(model=model, history=history, checkpoint=str(checkpoint_path) if checkpoint_path else None)
     train_seconds = sum(h["seconds"] for h in history)

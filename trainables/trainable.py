@@ -35,10 +35,11 @@ import torch
 from ray import tune
 
 from trainables.data import Splits
-from trainables.sweep import SweepConfig, run_sweep
+from trainables.names import (CHECKPOINT_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN,
+                              CheckpointMeta)
+from trainables.sweep import SweepConfig, run_sweep, table_to_json
 from trainables.train import DeviceError, Diverged, TrainConfig, fit, load_checkpoint, model_from_checkpoint
 
-CHECKPOINT_FILE = "checkpoint.pt"
 LATENCY_CACHE = "prunetune_latency_cache"
 
 
@@ -158,8 +159,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
     ckpt_path = workdir / CHECKPOINT_FILE
 
     def report_epoch(m: dict[str, float]) -> None:
-        metrics = {**base, "phase": "train", "epoch": int(m["epoch"]), "val_accuracy": m["val_accuracy"],
-                   "train_loss": m["train_loss"], "images_per_second": m["images_per_second"]}
+        metrics = {**base, PHASE: TRAIN, "epoch": int(m["epoch"]), **{k: m[k] for k in EPOCH_METRICS}}
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(workdir)))
 
     try:
@@ -167,11 +167,11 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
             model = model_from_checkpoint(resume).to(device)  # trained already; sweep only
             val_acc = resume["history"][-1]["val_accuracy"]
         else:
-            result = fit(splits, train_cfg, checkpoint_path=ckpt_path, resume=resume,
-                         meta={"spec": {**spec, "train": dataclasses.asdict(train_cfg)}, "config": config}, on_epoch=report_epoch)
+            meta = CheckpointMeta(spec={**spec, "train": dataclasses.asdict(train_cfg)}, config=config)
+            result = fit(splits, train_cfg, checkpoint_path=ckpt_path, resume=resume, meta=meta, on_epoch=report_epoch)
             model, val_acc = result.model, result.val_accuracy
     except Diverged as e:
-        tune.report({**base, "phase": "diverged", "epoch": e.epoch, "error": str(e)})
+        tune.report({**base, PHASE: DIVERGED, "epoch": e.epoch, ERROR: str(e)})
         return
 
     try:  # created by the search driver; absent when the trainable runs on its own
@@ -186,6 +186,6 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
     own.pop("method"), own.pop("ratio"), own.pop("int8")
     if device.type == "cuda":  # what the trial needed of its GPU share
         base["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
-    tune.report({**base, **own, "phase": "done", "epoch": train_cfg.epochs, "val_accuracy": val_acc,
+    tune.report({**base, **own, PHASE: DONE, "epoch": train_cfg.epochs, "val_accuracy": val_acc,
                  "method": method, "prune_ratio": ratio, "int8": int8, "trial_end": time.time(),
-                 "sweep_json": df.to_json(orient="records")})
+                 SWEEP_TABLE: table_to_json(df)})

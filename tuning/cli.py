@@ -10,72 +10,49 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from trainables.names import CHECKPOINT_FILE, CheckpointMeta
 from tuning import spec as spec_mod
+from tuning.jobs import DEFAULT_JOBS_ADDRESS
 
 
-DEFAULT_JOBS_ADDRESS = "http://127.0.0.1:8265"  # the Ray head's dashboard / Jobs API
-SUBMITTED_ENV = "PRUNETUNE_SUBMITTED"  # set in a submitted job's environment
+_TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line without a traceback."""
+def _print_json(obj: dict | list[dict]) -> None:
+    """The last stdout line of a ``--json`` command: one JSON document (NaN and Inf as null)."""
+    def clean(row: dict) -> dict:
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
 
+    print(json.dumps([clean(r) for r in obj] if isinstance(obj, list) else clean(obj)), flush=True)
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _print_json(obj: Any) -> None:
-    """The last stdout line of a ``--json`` command: one JSON document."""
-    if isinstance(obj, dict):
-        obj = {k: _jsonable(v) for k, v in obj.items()}
-    elif isinstance(obj, list):
-        obj = [{k: _jsonable(v) for k, v in row.items()} for row in obj]
-    print(json.dumps(obj), flush=True)
-
-
-# ----------------------------------------------------------------------------- train
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from trainables import data
     from trainables.train import fit, load_checkpoint, pick_device
 
     spec = spec_mod.load(args.file, args.set)
     device = pick_device(spec.train.device)
     splits = data.load(spec.data)
-    print(
-        f"{spec.name}: {spec.data.dataset} train {len(splits.train)} / val {len(splits.val)} / "
-        f"test {len(splits.test)} images on {device}; {spec.train.epochs} epochs, "
-        f"{spec.train.optimizer} lr={spec.train.lr:g}, batch {spec.train.batch_size}",
-        flush=True,
-    )
+    print(f"{spec.name}: {spec.data.dataset} train {len(splits.train)} / val {len(splits.val)} / "
+          f"test {len(splits.test)} images on {device}; {spec.train.epochs} epochs, "
+          f"{spec.train.optimizer} lr={spec.train.lr:g}, batch {spec.train.batch_size}", flush=True)
     resume = load_checkpoint(args.resume) if args.resume else None
     if args.resume:
         ckpt_path = Path(args.resume)
         print(f"resuming from {ckpt_path} after epoch {resume['epoch']}", flush=True)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        ckpt_path = Path(spec.train.output_dir) / spec.name / stamp / "checkpoint.pt"
+        ckpt_path = Path(spec.train.output_dir) / spec.name / stamp / CHECKPOINT_FILE
     print(f"checkpoint (written every epoch): {ckpt_path}", flush=True)
 
     def progress(m: dict[str, float]) -> None:
-        print(
-            f"epoch {int(m['epoch'])}/{spec.train.epochs}  loss {m['train_loss']:.4f}  "
-            f"train_acc {m['train_accuracy']:.4f}  val_acc {m['val_accuracy']:.4f}  "
-            f"{m['images_per_second']:.0f} img/s  {m['elapsed']:.1f}s",
-            flush=True,
-        )
+        print(f"epoch {int(m['epoch'])}/{spec.train.epochs}  loss {m['train_loss']:.4f}  "
+              f"train_acc {m['train_accuracy']:.4f}  val_acc {m['val_accuracy']:.4f}  "
+              f"{m['images_per_second']:.0f} img/s  {m['elapsed']:.1f}s", flush=True)
 
-    result = fit(
-        splits.to(device), spec.train, checkpoint_path=ckpt_path, resume=resume,
-        meta={"name": spec.name, "data": dataclasses.asdict(spec.data), "spec": spec.to_dict()},
-        on_epoch=progress,
-    )
+    result = fit(splits.to(device), spec.train, checkpoint_path=ckpt_path, resume=resume,
+                 meta=CheckpointMeta(spec=spec.to_dict(), config={}), on_epoch=progress)
     print(f"test accuracy {result.test_accuracy:.4f}; checkpoint {ckpt_path}", flush=True)
     if args.json:
         _print_json({
@@ -87,76 +64,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- sweep
-
-
-def parse_ratios(text: str) -> list[float]:
-    """``"0:0.8:0.05"`` (start:stop:step, stop included) or ``"0,0.3,0.5"`` -> sorted floats."""
-    try:
-        if ":" in text:
-            start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0:
-                raise ValueError
-            n = int(round((stop - start) / step))
-            values = [round(start + i * step, 6) for i in range(n + 1)]
-        else:
-            values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--ratios {text!r}: use start:stop:step (e.g. 0:0.8:0.05) or a list (0,0.3,0.5)") from None
-    bad = [v for v in values if not 0.0 <= v < 1.0]
-    if bad or not values:
-        raise UserError(f"--ratios {text!r}: every ratio must be in [0, 1), got {bad or 'none'}")
-    return sorted(set(values))
-
-
-def _load_trained(path: str):
-    """Checkpoint -> (model, spec, splits on the device) for sweeps."""
-    from trainables import data
-    from trainables.train import pick_device
-    from tuning.models import dense_from_checkpoint
-
-    model, spec = dense_from_checkpoint(path)
-    # where this sweep runs is this machine's business, not the recipe's: a checkpoint trained
-    # with device = "cuda" sweeps on a laptop's CPU (only an explicit "cpu" is kept)
-    device = pick_device("cpu" if spec.train.device == "cpu" else "auto")
-    return model.to(device), spec, data.load(spec.data).to(device)
-
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from trainables.sweep import run_sweep
+    from tuning.models import load_trained
 
-    model, spec, splits = _load_trained(args.checkpoint)
-    changes: dict[str, Any] = {}
+    model, spec, splits = load_trained(args.checkpoint)
+    given: dict[str, Any] = {}
     if args.methods:
-        changes["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+        given["sweep.methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.ratios:
-        changes["ratios"] = parse_ratios(args.ratios)
+        given["sweep.ratios"] = spec_mod.parse_ratios(args.ratios)
     if args.int8:
-        changes["int8"] = True
-    if args.finetune_epochs is not None:
-        changes["finetune_epochs"] = args.finetune_epochs
+        given["sweep.int8"] = True
     if args.no_distill:
-        changes["distill"] = False
-    if args.int8_mode:
-        changes["int8_mode"] = args.int8_mode
-    if args.eval_size is not None:
-        changes["eval_size"] = args.eval_size
-    raw = spec.to_dict()
-    raw["sweep"].update(changes)
-    spec = spec_mod.from_dict(raw, source="prunetune sweep options")  # same checks as a file
+        given["sweep.distill"] = False
+    for key in ("finetune_epochs", "eval_size", "int8_mode", "runtime"):
+        if getattr(args, key) is not None:
+            given[f"sweep.{key}"] = getattr(args, key)
+    spec = spec_mod.replace(spec, given, source="prunetune sweep options")  # same checks as a file
     cfg = spec.sweep
-    print(
-        f"sweeping {args.checkpoint}: methods {', '.join(cfg.methods)}; ratios {cfg.ratios}; "
-        f"int8 {cfg.int8_mode + ' on+off' if cfg.int8 else 'off'}; fine-tune {cfg.finetune_epochs} epochs"
-        f"{' with distillation' if cfg.finetune_epochs and cfg.distill else ''}; "
-        f"latency: CPU batch 1, {cfg.latency_threads} thread(s), median of {cfg.latency_runs}",
-        flush=True,
-    )
+    print(f"sweeping {args.checkpoint}: methods {', '.join(cfg.methods)}; ratios {cfg.ratios}; "
+          f"int8 {cfg.int8_mode + ' on+off' if cfg.int8 else 'off'}; fine-tune {cfg.finetune_epochs} epochs"
+          f"{' with distillation' if cfg.finetune_epochs and cfg.distill else ''}; latency: {cfg.runtime}, CPU "
+          f"batch 1, {cfg.latency_threads} thread(s), median of {cfg.latency_runs}", flush=True)
     df = run_sweep(model, splits, cfg, spec.train)
-    shown = df.drop(columns=["arch", "cpu", "threads"])
-    shown = shown.dropna(axis=1, how="all")
+    shown = df.drop(columns=["arch", "cpu", "threads"]).dropna(axis=1, how="all")
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):
         print(shown.to_string(index=False))
     print(f"latency measured on: {df.cpu.iloc[0]}", flush=True)
@@ -168,121 +103,47 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- search
-
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from tuning import search
+    from tuning import jobs, search
 
     spec = spec_mod.load(args.file, args.set)
-    if os.environ.get(SUBMITTED_ENV):
-        # a Ray Job's working dir can be garbage-collected once the trials' workers exit (Ray issue
-        # #52343), and Tune needs a current directory at the end: leave it now the file is read
-        Path(spec.search.storage_path).mkdir(parents=True, exist_ok=True)
-        os.chdir(spec.search.storage_path)
+    jobs.leave_job_dir(spec.search.storage_path)  # in a submitted job: the file is read
     res = search.search(spec, address=args.address, tracking_uri=args.tracking_uri)
-    search.print_summary(res, spec)
     return 0 if len(res.points) else 1
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from tuning import search
 
-    res, spec = search.resume(args.path, address=args.address)
-    search.print_summary(res, spec)
+    res, _ = search.resume(args.path, address=args.address)
     return 0 if len(res.points) else 1
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit ``prunetune search FILE`` as a Ray Job: the driver runs on the head node, so the
     search survives this machine going to sleep or losing its connection."""
-    import asyncio
-    import shlex
-    import shutil
-    import tempfile
+    from tuning import jobs
 
     spec_mod.load(args.file, args.set)  # fail here, not on the cluster, on a bad file
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise UserError("submit needs --tracking-uri (or MLFLOW_TRACKING_URI): an MLflow server the cluster can "
-                        "reach, e.g. http://mlflow:5000; a default sqlite file would stay inside the job's "
-                        "directory on the head node")
-    address = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_JOBS_ADDRESS
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    try:
-        client = JobSubmissionClient(address)
-    except Exception as e:  # refused, not a Ray dashboard, bad token, ...
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot reach the Ray Jobs API at {address!r} ({first}). Start the head with "
-                        "`ray start --head --dashboard-host 0.0.0.0` (port 8265) or fix --address / "
-                        "RAY_API_SERVER_ADDRESS") from None
-    staging = Path(tempfile.mkdtemp(prefix="prunetune-submit-"))  # the job's working dir: the file only
-    shutil.copy(args.file, staging / Path(args.file).name)
-    entry = ["prunetune", "search", Path(args.file).name, "--tracking-uri", uri]
-    for override in args.set:
-        entry += ["--set", override]
-    env = {"MLFLOW_TRACKING_URI": uri, "PYTHONUNBUFFERED": "1", SUBMITTED_ENV: "1"}
-    if os.environ.get("PRUNETUNE_DEBUG"):  # tracebacks from the job too
-        env["PRUNETUNE_DEBUG"] = os.environ["PRUNETUNE_DEBUG"]
-    job_id = client.submit_job(entrypoint=shlex.join(entry), runtime_env={"working_dir": str(staging), "env_vars": env})
-    shutil.rmtree(staging, ignore_errors=True)
-    print(f"submitted Ray job {job_id} to {address}: {shlex.join(entry)}", flush=True)
-    print(f"follow it:  ray job logs {job_id} --address {address} --follow\n"
-          f"status:     ray job status {job_id} --address {address}\n"
-          f"stop it:    ray job stop {job_id} --address {address}", flush=True)
+    job = jobs.submit(args.file, args.set, address=args.address, tracking_uri=args.tracking_uri)
+    print(f"submitted Ray job {job.id} to {job.address}: {job.command}\n{job.how_to()}", flush=True)
     if not args.follow:
         return 0
-
-    async def tail() -> None:
-        async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
-
     try:
-        asyncio.run(tail())
+        return 0 if jobs.follow(job) else 1
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {job_id} goes on (ray job stop {job_id} --address {address} stops it)",
-              flush=True)
+        print(f"\nstopped following; job {job.id} goes on ({job.ray('stop')} stops it)", flush=True)
         return 130
-    status = client.get_job_status(job_id)
-    print(f"Ray job {job_id}: {status.value}", flush=True)
-    return 0 if status == JobStatus.SUCCEEDED else 1
 
-
-# ----------------------------------------------------------------------------- pareto / export
-
-
-def _latest_search(client, experiment: str | None):
-    if experiment:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            names = [e.name for e in client.search_experiments()]
-            raise UserError(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
-        ids = [exp.experiment_id]
-    else:
-        ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, "tags.`prunetune.kind` = 'search' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1) if ids else []
-    if not runs:
-        raise UserError(f"no finished prunetune search in {'experiment ' + repr(experiment) if experiment else 'the tracking store'}"
-                        "; run `prunetune search FILE` first")
-    return runs[0]
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    import tempfile
-
     import pandas as pd
 
-    from tuning.tracking import check_reachable, tracking_uri
+    from tuning import runs
 
-    client = check_reachable(tracking_uri(args.tracking_uri))
-    parent = _latest_search(client, args.experiment)
-    local = client.download_artifacts(parent.info.run_id, "pareto.csv", tempfile.mkdtemp(prefix="prunetune-"))
-    front = pd.read_csv(local, dtype={"trial_id": str})  # ids like "08088346" are not numbers
-    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    run_of = {r.data.tags.get("prunetune.trial_id"): r.info.run_id for r in children}
-    front.insert(0, "run_id", front.trial_id.map(run_of))
+    parent, front = runs.load_front(runs.tracking_uri(args.tracking_uri), args.experiment)
     cols = ["run_id", "trial_id", "lr", "method", "ratio", "int8", "accuracy", "test_accuracy", "latency_ms",
             "latency_p90_ms", "size_mb", "sparsity", "nonzero_params", "macs"]
     front = front[[c for c in cols if c in front.columns]]
@@ -295,21 +156,15 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from trainables import data
-    from tuning import models
-    from tuning.tracking import check_reachable, tracking_uri
+    from tuning import models, runs
 
-    uri = tracking_uri(args.tracking_uri)
-    check_reachable(uri)
+    uri = runs.tracking_uri(args.tracking_uri)
+    runs.check_reachable(uri)
     point = models.resolve(uri, args.ref, args.method, args.ratio, True if args.int8 else None)
-    dense, spec = models.dense_from_run(uri, point.run_id)
-    splits = data.load(spec.data)
-    model = models.derive(dense, spec, point, splits)
     print(f"exporting {point.method} ratio {point.ratio:g}{' + int8' if point.int8 else ''} of trial run "
           f"{point.run_id} as {args.format} -> {args.output}", flush=True)
-    images = data.normalize(splits.test.x)
-    agreement = models.export(model, args.format, args.output, images)
-    print(f"top-1 agreement with the PyTorch model: {agreement:.2%} on {len(images)} held-out test images")
+    agreement, n = models.export_point(uri, point, args.format, args.output)
+    print(f"top-1 agreement with the PyTorch model: {agreement:.2%} on {n} held-out test images")
     if agreement < 0.999:
         print(f"prunetune export: error: agreement {agreement:.2%} is below 99.9%; {args.output} is kept for "
               "inspection but should not be deployed", file=sys.stderr)
@@ -317,48 +172,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- ui
-
-
 def cmd_ui(args: argparse.Namespace) -> int:
-    import shutil
-    import subprocess
+    from tuning import runs
 
-    from tuning.tracking import tracking_uri
+    return runs.serve_ui(runs.tracking_uri(args.tracking_uri), args.host, args.port)
 
-    uri = tracking_uri(args.tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        print(f"{uri} is a tracking server: its UI is at {uri}", flush=True)
-        return 0
-    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
-    if mlflow_bin is None:
-        raise UserError("the `mlflow` command is not installed in this environment; `pip install mlflow`")
-    url = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI for {uri} at {url} (Ctrl-C stops it)", flush=True)
-    cmd = [mlflow_bin, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    return subprocess.call(cmd)
-
-
-# ----------------------------------------------------------------------------- main
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="prunetune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    _add_train_and_sweep(sub)
+    _add_search(sub)
+    _add_mlflow(sub)
+    return p
 
-    def with_file(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("file", help="experiment file (TOML), e.g. experiments/quickstart.toml")
-        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one key of the file (repeatable), e.g. --set train.epochs=3")
 
+def _with_file(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("file", help="experiment file (TOML), e.g. experiments/quickstart.toml")
+    sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one key of the file (repeatable), e.g. --set train.epochs=3")
+
+
+def _add_train_and_sweep(sub) -> None:
     t = sub.add_parser("train", help="train one model without Ray and save its checkpoint")
-    with_file(t)
+    _with_file(t)
     t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint written by an earlier run")
     t.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sweep", help="sweep compression methods and ratios over a trained checkpoint")
-    s.add_argument("checkpoint", help="checkpoint.pt written by `prunetune train`")
+    s.add_argument("checkpoint", help=f"{CHECKPOINT_FILE} written by `prunetune train`")
     s.add_argument("--methods", help="comma list of global_l1, layer_l1, global_random, channel_l1")
     s.add_argument("--ratios", help="start:stop:step (stop included, e.g. 0:0.8:0.05) or a comma list")
     s.add_argument("--int8", action="store_true", help="measure every point also with INT8 on top")
@@ -368,17 +212,21 @@ def _parser() -> argparse.ArgumentParser:
                    "distil from the dense model)")
     s.add_argument("--int8-mode", choices=["ptq", "qat"], help="INT8 of fine-tuned points: post-training "
                    "calibration (ptq) or quantization-aware fine-tuning (qat)")
+    s.add_argument("--runtime", choices=["torch", "onnxruntime"], help="what every point is timed and evaluated "
+                   "in: PyTorch eager or an ONNX Runtime session (its INT8 from ORT's own quantization)")
     s.add_argument("--eval-size", type=int, help="evaluate on at most N validation/test images")
     out = s.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON array (one object per point) last")
     out.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     s.set_defaults(func=cmd_sweep)
 
+
+def _add_search(sub) -> None:
     address_help = "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)"
     se = sub.add_parser("search", help="Ray Tune + Optuna search over lr and prune ratio (train + sweep per trial)")
-    with_file(se)
+    _with_file(se)
     se.add_argument("--address", help=address_help)
-    se.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    se.add_argument("--tracking-uri", help=_TRACKING_HELP)
     se.set_defaults(func=cmd_search)
 
     re_ = sub.add_parser("resume", help="continue an interrupted search from its directory")
@@ -387,17 +235,18 @@ def _parser() -> argparse.ArgumentParser:
     re_.set_defaults(func=cmd_resume)
 
     su = sub.add_parser("submit", help="run the search as a Ray Job on a cluster's head node")
-    with_file(su)
+    _with_file(su)
     su.add_argument("--address", help=f"the head's Jobs API (default: $RAY_API_SERVER_ADDRESS, else {DEFAULT_JOBS_ADDRESS})")
     su.add_argument("--tracking-uri", help="MLflow server the cluster reaches (default: $MLFLOW_TRACKING_URI; required)")
     su.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 if it succeeded")
     su.set_defaults(func=cmd_submit)
 
-    tracking_help = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+
+def _add_mlflow(sub) -> None:
     pa = sub.add_parser("pareto", help="print the Pareto front of the latest finished search from MLflow")
     pa.add_argument("--experiment", help="MLflow experiment (the experiment file's name); default: any")
     pa.add_argument("--json", action="store_true", help="print a JSON array of the front's points last")
-    pa.add_argument("--tracking-uri", help=tracking_help)
+    pa.add_argument("--tracking-uri", help=_TRACKING_HELP)
     pa.set_defaults(func=cmd_pareto)
 
     ex = sub.add_parser("export", help="write a deployable ONNX / TorchScript file of a trial's compressed model")
@@ -407,7 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--int8", action="store_true", help="post-training INT8 on top (torchscript only)")
     ex.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     ex.add_argument("-o", "--output", required=True, help="output file")
-    ex.add_argument("--tracking-uri", help=tracking_help)
+    ex.add_argument("--tracking-uri", help=_TRACKING_HELP)
     ex.set_defaults(func=cmd_export)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store and print its URL")
@@ -415,19 +264,20 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from trainables.data import DataError
     from trainables.train import CheckpointError, DeviceError, Diverged
+    from tuning.jobs import SubmitError
     from tuning.models import ModelError
+    from tuning.runs import NotFound
 
     try:
         return args.func(args)
-    except (UserError, spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError,
-            ConnectionError, FileNotFoundError, ModelError) as e:
+    except (spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError,
+            ConnectionError, FileNotFoundError, ModelError, NotFound, SubmitError) as e:
         if os.environ.get("PRUNETUNE_DEBUG"):
             raise
         print(f"prunetune {args.command}: error: {e}", file=sys.stderr)

@@ -16,21 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 
 from trainables import compress, data
+from trainables.names import CHECKPOINT_ARTIFACT, CheckpointMeta
 from trainables.train import load_checkpoint, model_from_checkpoint
+from tuning import pareto
+from tuning.pareto import Objective
 from tuning.spec import Spec, from_dict
-
-CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
 
 
 class ModelError(ValueError):
     """A run, model alias or export request that cannot be served; says why."""
 
 
-ALIASES = ("best-accuracy", "fastest", "knee")  # set on the registered versions by register_front
+ALIASES = ("best-accuracy", "fastest", "knee")  # what pick() names; register_front sets them
 
 
 @dataclass
@@ -87,21 +89,44 @@ def dense_from_checkpoint(path: str | Path) -> tuple[nn.Module, Spec]:
     """A checkpoint written by training (``prunetune train`` or a trial) -> dense model and the
     experiment spec it was trained with (so sweeps and exports use the same data splits)."""
     ckpt = load_checkpoint(path)
-    return model_from_checkpoint(ckpt).eval(), from_dict(ckpt["meta"]["spec"], source=f"{path} (its experiment)")
+    meta: CheckpointMeta = ckpt["meta"]
+    return model_from_checkpoint(ckpt).eval(), from_dict(meta["spec"], source=f"{path} (its experiment)")
+
+
+def load_trained(path: str | Path) -> tuple[nn.Module, Spec, data.Splits]:
+    """A checkpoint -> its dense model, spec and data splits, on this machine's device."""
+    from trainables.train import pick_device
+
+    model, spec = dense_from_checkpoint(path)
+    # where this runs is this machine's business, not the recipe's: a checkpoint trained with
+    # device = "cuda" sweeps on a laptop's CPU (only an explicit "cpu" is kept)
+    device = pick_device("cpu" if spec.train.device == "cpu" else "auto")
+    return model.to(device), spec, data.load(spec.data).to(device)
 
 
 def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | None = None) -> nn.Module:
     """The deployable model of ``point``: prune -> bake masks in -> INT8 (calibrated on the same
     training images as the sweep). Any ratio in [0, 1) works, swept or not."""
-    if point.method not in compress.METHODS:
-        raise ModelError(f"unknown method {point.method!r}; choose from {', '.join(compress.METHODS)}")
-    if not 0.0 <= point.ratio < 1.0:
-        raise ModelError(f"ratio {point.ratio} is outside [0, 1)")
-    model = compress.make_permanent(compress.prune(dense, point.method, point.ratio, seed=spec.sweep.seed)).eval()
+    try:
+        compress.check_method(point.method)
+        compress.check_ratio(point.ratio)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    pruned = compress.prune(dense, point.method, point.ratio, seed=spec.sweep.seed, round_to=spec.sweep.round_to)
+    model = compress.make_permanent(pruned).eval()
     if point.int8:
         splits = splits or data.load(spec.data)
         model = compress.quantize_int8(model, data.normalize(splits.train.x[: spec.sweep.calibration_size]))
     return model
+
+
+def export_point(uri: str, point: Point, fmt: str, out: str | Path) -> tuple[float, int]:
+    """Derive ``point`` from its trial's run and :func:`export` it; returns the top-1 agreement
+    and the number of held-out test images it was measured on."""
+    dense, spec = dense_from_run(uri, point.run_id)
+    splits = data.load(spec.data)
+    images = data.normalize(splits.test.x)
+    return export(derive(dense, spec, point, splits), fmt, out, images), len(images)
 
 
 def _predict(fn, x: torch.Tensor, batch: int = 256) -> np.ndarray:
@@ -138,25 +163,28 @@ def export(model: nn.Module, fmt: str, out: str | Path, images: torch.Tensor) ->
     return float((ref == got).mean())
 
 
-def register_front(uri: str, parent_run_id: str, front, objectives, checkpoints: dict[str, str],
-                   trial_runs: dict[str, str], spec: Spec, splits: data.Splits | None = None) -> dict[str, int]:
-    """Log the Pareto-optimal models on the parent run (PyTorch flavour, signature, input
-    example) and register them under ``spec.name`` with the three aliases. ``checkpoints`` maps
-    trial id -> local dense checkpoint file; ``splits``: the search's data (loaded if not given);
-    returns alias -> version."""
-    import mlflow
-    from mlflow.models import infer_signature
-
-    from tuning import pareto
-
-    front = front.drop_duplicates(["trial_id", "method", "ratio", "int8"])
+def pick(front: pd.DataFrame, objectives: list[Objective]) -> dict[str, Any]:
+    """Alias -> the front row (index label) it names: ``best-accuracy`` (best first objective),
+    ``fastest`` (best second objective) and ``knee`` (:func:`tuning.pareto.knee`)."""
     (acc, acc_mode), (lat, lat_mode) = objectives[0], objectives[1]
-    picks = {
-        "best-accuracy": (front[acc].idxmax() if acc_mode == "max" else front[acc].idxmin()),
-        "fastest": (front[lat].idxmin() if lat_mode == "min" else front[lat].idxmax()),
+    return {
+        "best-accuracy": front[acc].idxmax() if acc_mode == "max" else front[acc].idxmin(),
+        "fastest": front[lat].idxmin() if lat_mode == "min" else front[lat].idxmax(),
         "knee": pareto.knee(front, objectives),
     }
-    # the aliased points first (always), then the rest of the front in order, up to register_models
+
+
+def register_front(uri: str, parent_run_id: str, front: pd.DataFrame, picks: dict[str, Any],
+                   checkpoints: dict[str, Path], trial_runs: dict[str, str], spec: Spec,
+                   splits: data.Splits | None = None) -> dict[str, int]:
+    """Log the Pareto-optimal models on the parent run and register them under ``spec.name``:
+    the ``picks`` (alias -> front row) first, always, then the rest of the front in order, up to
+    ``[search] register_models``; each alias is set on its version. ``checkpoints``: trial id ->
+    local dense checkpoint; ``trial_runs``: trial id -> its MLflow run; ``splits``: the search's
+    data (loaded if not given). Returns alias -> version."""
+    import mlflow
+
+    front = front.drop_duplicates(["trial_id", "method", "ratio", "int8"])
     order = list(dict.fromkeys([*picks.values(), *front.index]))
     order = order[:max(spec.search.register_models, len(set(picks.values())))]
     splits = splits or data.load(spec.data)
@@ -167,47 +195,30 @@ def register_front(uri: str, parent_run_id: str, front, objectives, checkpoints:
     with mlflow.start_run(run_id=parent_run_id):
         for i, idx in enumerate(order):
             row = front.loc[idx]
-            dense = model_from_checkpoint(load_checkpoint(checkpoints[row.trial_id])).eval()
             point = Point(trial_runs.get(row.trial_id, ""), row.method, float(row.ratio), bool(row.int8))
-            model = derive(dense, spec, point, splits)
-            with torch.inference_mode():
-                signature = infer_signature(example.numpy(), model(example).numpy())
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                info = mlflow.pytorch.log_model(model, name=f"pareto-{i}", signature=signature,
-                                                input_example=example.numpy(), registered_model_name=spec.name,
-                                                pip_requirements=["torch", "torchvision"], await_registration_for=60)
-            version = int(info.registered_model_version)
+            dense = model_from_checkpoint(load_checkpoint(checkpoints[row.trial_id])).eval()
+            versions[idx] = _log_model(f"pareto-{i}", derive(dense, spec, point, splits), example, spec.name)
             tags = {"method": row.method, "ratio": str(row.ratio), "int8": str(bool(row.int8)), "lr": str(row.lr),
                     "trial_id": row.trial_id, "trial_run_id": point.run_id}
             tags.update({k: str(row[k]) for k in ("accuracy", "test_accuracy", "latency_ms", "size_mb") if k in row})
             for k, v in tags.items():
-                client.set_model_version_tag(spec.name, str(version), k, v)
-            versions[idx] = version
+                client.set_model_version_tag(spec.name, str(versions[idx]), k, v)
     for alias, idx in picks.items():
         client.set_registered_model_alias(spec.name, alias, str(versions[idx]))
     return {alias: versions[idx] for alias, idx in picks.items()}
 
 
-def plot_front(points, front, objectives, out: str | Path) -> None:
-    """All points grey, the front highlighted and labelled with lr / method / ratio."""
-    import matplotlib
+def _log_model(name: str, model: nn.Module, example: torch.Tensor, registered_name: str) -> int:
+    """Log ``model`` on the active run with MLflow's PyTorch flavour (signature, input example)
+    and register it under ``registered_name``; returns the new version."""
+    import mlflow
+    from mlflow.models import infer_signature
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    (y, _), (x, _) = objectives[0], objectives[1]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter(points[x], points[y], s=14, c="lightgrey", label="all sweep points")
-    f = front.sort_values(x)
-    ax.plot(f[x], f[y], "o-", c="tab:red", label="Pareto front")
-    for _, r in f.iterrows():
-        ax.annotate(f"lr {r.lr:.2g} {r.method} {r.ratio:.2f}{' int8' if r.int8 else ''}", (r[x], r[y]),
-                    fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    with torch.inference_mode():
+        signature = infer_signature(example.numpy(), model(example).numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example.numpy(),
+                                        registered_model_name=registered_name, pip_requirements=["torch", "torchvision"],
+                                        await_registration_for=60)
+    return int(info.registered_model_version)

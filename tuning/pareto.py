@@ -1,27 +1,39 @@
 """Pareto fronts over sweep points: non-dominated filter, 2-D hypervolume, knee point.
 
-Objectives are ``(column, "max" | "min")`` pairs, any number of them. Internally every
-objective is turned into one to minimise (max columns are negated).
+Objectives are :class:`Objective` s (``(column, "max" | "min")`` pairs), any number of them.
+Internally every objective is turned into one to minimise (max columns are negated).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 
-Objective = tuple[str, str]
+from trainables.names import POINT_METRICS
 
 
-def parse_objectives(texts: Sequence[str]) -> list[Objective]:
-    """``["accuracy:max", "latency_ms:min"]`` -> ``[("accuracy", "max"), ("latency_ms", "min")]``."""
-    out = []
-    for t in texts:
-        name, _, mode = t.partition(":")
-        if mode not in ("max", "min"):
-            raise ValueError(f"objective {t!r} must be METRIC:max or METRIC:min")
-        out.append((name, mode))
-    return out
+class Objective(NamedTuple):
+    """One objective of a search: a point metric, maximised or minimised.
+
+    Written ``"accuracy:max"`` in an experiment file (:meth:`parse` reads it, ``str()`` writes
+    it back); a plain ``(metric, mode)`` pair everywhere else.
+    """
+
+    metric: str
+    mode: Literal["max", "min"]
+
+    @classmethod
+    def parse(cls, text: str) -> "Objective":
+        """``"accuracy:max"`` -> ``Objective("accuracy", "max")``; ValueError naming what is allowed."""
+        metric, _, mode = text.partition(":")
+        if metric not in POINT_METRICS or mode not in ("max", "min"):
+            raise ValueError(f"objective {text!r} must be METRIC:max or METRIC:min with METRIC one of "
+                             f"{', '.join(POINT_METRICS)}")
+        return cls(metric, mode)
+
+    def __str__(self) -> str:
+        return f"{self.metric}:{self.mode}"
 
 
 def _as_min(df: pd.DataFrame, objectives: Sequence[Objective]) -> np.ndarray:

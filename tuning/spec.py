@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from trainables.compress import METHODS
+from trainables import compress
 from trainables.data import DataConfig
 from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
+from tuning.pareto import Objective
 
-__all__ = ["Spec", "SpecError", "load", "from_dict", "parse_override"]
+__all__ = ["Spec", "SpecError", "load", "from_dict", "replace", "parse_override", "parse_ratios"]
 
 
 class SpecError(ValueError):
@@ -41,7 +42,9 @@ class SearchConfig:
     ratio_min: float = 0.0  # prune_ratio is searched uniformly in [ratio_min, ratio_max]
     ratio_max: float = 0.8
     search_method: bool = True  # search the method among [sweep] methods (else always the first)
-    objectives: list[str] = field(default_factory=lambda: ["accuracy:max", "latency_ms:min"])
+    # written ["accuracy:max", "latency_ms:min"] in a file; parsed on load
+    objectives: list[Objective] = field(default_factory=lambda: [Objective("accuracy", "max"),
+                                                                 Objective("latency_ms", "min")])
     sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"  # grid: grid_lrs x [sweep] ratios
     grid_lrs: list[float] = field(default_factory=list)
     seed: int = 0
@@ -72,6 +75,7 @@ class Spec:
         """Plain dict (TOML/JSON-able), the inverse of :func:`from_dict`."""
         d = dataclasses.asdict(self)
         d.pop("source")
+        d["search"]["objectives"] = [str(o) for o in self.search.objectives]
         return d
 
 
@@ -80,16 +84,16 @@ _ROOT_KEYS = {"name"}
 # Keys holding filesystem paths: relative ones are resolved against the working directory
 # at load time, so Ray workers (which run elsewhere) get absolute paths.
 _PATH_KEYS = {("data", "path"), ("data", "root"), ("train", "output_dir"), ("search", "storage_path")}
-OBJECTIVE_METRICS = ("accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "size_mb", "macs",
-                     "nonzero_params", "sparsity", "throughput_ips")
 
 
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) is list:
-        return f"a list of {get_args(tp)[0].__name__}"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+        item = get_args(tp)[0]
+        return "a list of " + ("'METRIC:max|min' strings" if item is Objective else item.__name__)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            Objective: "a 'METRIC:max|min' string"}[tp]
 
 
 def _check_value(where: str, tp: Any, value: Any) -> Any:
@@ -107,6 +111,13 @@ def _check_value(where: str, tp: Any, value: Any) -> Any:
         value = float(value) if ok else value
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is Objective:
+        ok = isinstance(value, str)
+        if ok:
+            try:
+                return Objective.parse(value)
+            except ValueError as e:
+                raise SpecError(f"{where}: {e}") from None
     else:
         ok = isinstance(value, tp)
     if not ok:
@@ -145,10 +156,13 @@ def _validate_ranges(spec: Spec) -> None:
     need(t.threads >= 0, "[train] threads must be >= 0 (0 = torch's default)")
     need(0.0 <= t.label_smoothing < 1.0, "[train] label_smoothing must be in [0, 1)")
     need(bool(s.ratios), "[sweep] ratios must not be empty")
-    for m in s.methods:
-        need(m in METHODS, f"[sweep] unknown method {m!r}; methods: {', '.join(METHODS)}")
-    for r in s.ratios:
-        need(0.0 <= r < 1.0, f"[sweep] ratio {r} is outside [0, 1); use e.g. ratios = [0.0, 0.5, 0.8]")
+    try:
+        for m in s.methods:
+            compress.check_method(m)
+        for r in s.ratios:
+            compress.check_ratio(r)
+    except ValueError as e:
+        raise SpecError(f"{src}: [sweep] {e}") from None
     need(s.finetune_epochs >= 0 and q.finetune_epochs >= 0, "[sweep] and [search] finetune_epochs must be >= 0")
     need(s.finetune_lr > 0, f"[sweep] finetune_lr must be > 0, got {s.finetune_lr}")
     need(0.0 <= s.distill_weight <= 1.0, f"[sweep] distill_weight must be in [0, 1], got {s.distill_weight}")
@@ -168,10 +182,6 @@ def _validate_ranges(spec: Spec) -> None:
     need(q.cpus_per_trial > 0 and q.gpus_per_trial >= 0, "[search] cpus_per_trial must be > 0, gpus_per_trial >= 0")
     need(q.sampler != "grid" or bool(q.grid_lrs), "[search] sampler = 'grid' needs grid_lrs = [...]")
     need(bool(q.objectives), "[search] objectives must not be empty")
-    for o in q.objectives:
-        name, _, mode = o.partition(":")
-        need(name in OBJECTIVE_METRICS and mode in ("max", "min"),
-             f"[search] objective {o!r} must be METRIC:max|min with METRIC one of {', '.join(OBJECTIVE_METRICS)}")
 
 
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
@@ -206,14 +216,39 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
-def _apply_override(raw: dict[str, Any], text: str) -> None:
-    path, value = parse_override(text)
+def parse_ratios(text: str) -> list[float]:
+    """``"0:0.8:0.05"`` (start:stop:step, stop included) or ``"0,0.3,0.5"`` -> sorted floats
+    (``prunetune sweep --ratios``); the values are checked with the rest of the spec."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            n = int(round((stop - start) / step))
+            values = [round(start + i * step, 6) for i in range(n + 1)]
+        else:
+            values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SpecError(f"--ratios {text!r}: use start:stop:step (e.g. 0:0.8:0.05) or a list (0,0.3,0.5)") from None
+    return sorted(set(values))
+
+
+def _set(raw: dict[str, Any], path: list[str], value: Any, where: str) -> None:
     node = raw
     for part in path[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise SpecError(f"--set {text}: '{part}' is not a section")
+            raise SpecError(f"{where}: '{part}' is not a section")
     node[path[-1]] = value
+
+
+def replace(spec: Spec, values: dict[str, Any], source: str) -> Spec:
+    """``spec`` with ``{"section.key": value}`` set, validated exactly like a file; ``source``
+    names where the values came from (e.g. a command's options) in errors."""
+    raw = spec.to_dict()
+    for key, value in values.items():
+        _set(raw, key.split("."), value, source)
+    return from_dict(raw, source=source)
 
 
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
@@ -227,5 +262,5 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
     raw.setdefault("name", path.stem)
     for text in overrides:
-        _apply_override(raw, text)
+        _set(raw, *parse_override(text), where=f"--set {text}")
     return from_dict(raw, source=str(path))

@@ -1,0 +1,129 @@
+"""The Ray side of a search: the address, the connection, the shared-storage probe, the slots.
+
+- :func:`check_address`: a Jobs API URL or a host:port where nothing listens fails in seconds,
+  naming the fix, before anything is created.
+- :func:`connect`: ``HOST:6379`` from a cluster node, ``ray://HOST:10001`` (Ray Client) from
+  outside, else a local Ray; Tune's settings (:data:`TUNE_ENV`) go where its controller runs.
+- :func:`check_storage`: on several nodes, every node must see ``storage_path`` (trial
+  checkpoints are read back wherever a trial restarts); probed from a task on each node.
+- :func:`slots`: how many trials the connected cluster runs at once.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+from tuning.spec import SearchConfig, SpecError
+
+# Tune settings for the process that runs Tune's controller (this one, or under Ray Client
+# an actor on the cluster, which gets them through the job's runtime env).
+TUNE_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",  # the narrowed CLIReporter table
+    # per-epoch reports carry val_accuracy only; the objectives arrive with the final report
+    "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1",
+    # one checkpoint kept per trial forces a state snapshot per epoch: expected, not a problem
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+_PROBE_TIMEOUT_S = 120
+
+
+def check_address(address: str | None) -> None:
+    """Fail in seconds, not minutes, on a Jobs API address or when nothing listens at a
+    host:port Ray address (``address``, else ``$RAY_ADDRESS``; none: a local Ray, nothing to check)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        return
+    if address.startswith(("http://", "https://")):
+        raise ConnectionError(
+            f"{address!r} is a Ray dashboard / Jobs address: submit the search there with `prunetune submit FILE "
+            f"--address {address}`, or attach this driver with --address ray://HOST:10001 (or HOST:6379 on a node)")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" and the like: let Ray resolve them
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}). Start one with "
+            "`ray start --head`, fix --address / RAY_ADDRESS, or leave both unset for a local Ray"
+        ) from None
+
+
+def connect(address: str | None = None) -> None:
+    """Attach to ``address`` (or ``$RAY_ADDRESS``): ``HOST:6379`` from a cluster node, or
+    ``ray://HOST:10001`` (Ray Client) from outside; else start a local Ray. No-op if connected."""
+    import ray
+
+    for key, value in TUNE_ENV.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    check_address(address)
+    if address and address.startswith("ray://"):
+        ray.init(address=address, runtime_env={"env_vars": TUNE_ENV})
+    elif address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+
+
+def check_storage(storage_path: str) -> None:
+    """On a cluster of several nodes, trial checkpoints are written where the trial runs and
+    read back where it restarts: a ``storage_path`` that only this machine sees loses them.
+    Probe it before any training: write a marker and ask one task on every alive node whether
+    it sees it. Raises SpecError naming the blind nodes and the fix, ConnectionError naming
+    the nodes that did not answer."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return
+    marker = Path(storage_path) / f".prunetune-probe-{uuid.uuid4().hex}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("prunetune")
+    try:
+        seen = _sees_on_each(nodes, str(marker))
+    finally:
+        marker.unlink(missing_ok=True)
+    name = [f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n in nodes]
+    silent = [name[i] for i, ok in enumerate(seen) if ok is None]
+    if silent:
+        raise ConnectionError(f"{len(silent)} of {len(nodes)} nodes did not answer the storage_path check within "
+                              f"{_PROBE_TIMEOUT_S} s ({', '.join(silent)}); check them with `ray status` and try again")
+    blind = [name[i] for i, ok in enumerate(seen) if not ok]
+    if blind:
+        raise SpecError(
+            f"search.storage_path {storage_path} is not shared: {len(blind)} of {len(nodes)} nodes cannot see it "
+            f"({', '.join(blind)}), so a trial restarted on another node would lose its checkpoints. Mount a "
+            "shared filesystem (NFS, a shared volume) at the same path on every node and point at it: "
+            "--set search.storage_path=/shared/ray_results or PRUNETUNE_STORAGE_PATH")
+    print(f"storage: {storage_path} is shared by all {len(nodes)} nodes", flush=True)
+
+
+def _sees_on_each(nodes: list[dict], path: str) -> list[bool | None]:
+    """Whether a task pinned to each node sees the file ``path``; None where none answered."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def sees(p: str) -> bool:
+        return os.path.isfile(p)
+
+    refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
+            for n in nodes]
+    answered, _ = ray.wait(refs, num_returns=len(refs), timeout=_PROBE_TIMEOUT_S)
+    return [ray.get(r) if r in answered else None for r in refs]
+
+
+def slots(search: SearchConfig) -> int:
+    """How many trials the connected cluster can run at once with ``search``'s resources."""
+    import ray
+
+    total = ray.cluster_resources()
+    n = int(total.get("CPU", 1) // search.cpus_per_trial)
+    if search.gpus_per_trial:
+        n = min(n, int(total.get("GPU", 0) // search.gpus_per_trial))
+    return max(1, min(n, search.max_concurrent_trials or n))

@@ -1,0 +1,118 @@
+"""A search's runs in MLflow: the tracking store, and the runs found again by their tags.
+
+:mod:`tuning.tracking` writes one parent run per search (tags ``prunetune.kind = search``,
+``prunetune.search_dir``) and one child run per trial (``mlflow.parentRunId``,
+``prunetune.kind = trial``, ``prunetune.trial_id``). Whatever reads that layout back (a resumed
+search, the back-fill, ``prunetune pareto``) finds its runs here.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from trainables.names import FRONT_CSV, KIND_TAG, PARENT_TAG, SEARCH, SEARCH_DIR_TAG, TRIAL_ID_TAG
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+class TrackingError(ConnectionError):
+    """The MLflow tracking store cannot be reached or used."""
+
+
+class NotFound(LookupError):
+    """What a command needs is not there (an experiment, a finished search, the ``mlflow``
+    command); the message says what there is or how to get it."""
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_reachable(uri: str) -> MlflowClient:
+    """Return an MlflowClient for ``uri`` after one real request; fail fast and clearly."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as e:  # connection refused, bad scheme, unreadable database, ...
+        raise TrackingError(
+            f"cannot use the MLflow tracking store {uri!r}: {first_line(e)[:300]}. Start the server (e.g. "
+            "`mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`), "
+            "fix --tracking-uri / MLFLOW_TRACKING_URI, or leave both unset for sqlite:///mlflow.db"
+        ) from None
+    return client
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (MLflow's can run to pages), else its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def search_run(client: MlflowClient, experiment_id: str, search_dir: str) -> Run | None:
+    """The parent run of the search in ``search_dir``, if it has one."""
+    found = client.search_runs([experiment_id], f"tags.`{SEARCH_DIR_TAG}` = '{search_dir}'")
+    return found[0] if found else None
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> dict[str, Run]:
+    """Trial id -> the trial's child run, for every child of the parent run ``parent_id``."""
+    children = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}'")
+    return {r.data.tags[TRIAL_ID_TAG]: r for r in children if TRIAL_ID_TAG in r.data.tags}
+
+
+def latest_search(client: MlflowClient, experiment: str | None = None) -> Run:
+    """The parent run of the latest finished search, in ``experiment`` or in any."""
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = [e.name for e in client.search_experiments()]
+            raise NotFound(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
+        ids = [exp.experiment_id]
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(ids, f"tags.`{KIND_TAG}` = '{SEARCH}' and attributes.status = 'FINISHED'",
+                               order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+    if not found:
+        where = f"experiment {experiment!r}" if experiment else "the tracking store"
+        raise NotFound(f"no finished prunetune search in {where}; run `prunetune search FILE` first")
+    return found[0]
+
+
+def load_front(uri: str, experiment: str | None = None) -> tuple[Run, pd.DataFrame]:
+    """The latest finished search's parent run and its Pareto front (``pareto.csv``), each
+    point with the ``run_id`` of its trial's run (what ``prunetune export`` takes)."""
+    client = check_reachable(uri)
+    parent = latest_search(client, experiment)
+    local = client.download_artifacts(parent.info.run_id, FRONT_CSV, tempfile.mkdtemp(prefix="prunetune-"))
+    front = pd.read_csv(local, dtype={"trial_id": str})  # ids like "08088346" are not numbers
+    children = child_runs(client, parent.info.experiment_id, parent.info.run_id)
+    front.insert(0, "run_id", front.trial_id.map({tid: r.info.run_id for tid, r in children.items()}))
+    return parent, front
+
+
+def serve_ui(uri: str, host: str, port: int) -> int:
+    """Run the MLflow UI on the store ``uri`` at ``host:port`` until Ctrl-C; returns its exit
+    code. A tracking server serves its own UI: then this only says where."""
+    if uri.startswith(("http://", "https://")):
+        print(f"{uri} is a tracking server: its UI is at {uri}", flush=True)
+        return 0
+    mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
+    if mlflow_bin is None:
+        raise NotFound("the `mlflow` command is not installed in this environment; `pip install mlflow`")
+    print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    return subprocess.call([mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])

@@ -1,0 +1,124 @@
+"""What a search samples and how: the search space, the sampler, the sweep-feedback searcher.
+
+- :func:`optuna_space`: ``lr`` log-uniform in ``[lr_min, lr_max]``, ``prune_ratio`` uniform in
+  ``[ratio_min, ratio_max]``, ``method`` among the ``[sweep] methods`` when searched, ``int8``
+  when the sweep measures INT8.
+- :func:`make_sampler`: multivariate TPE (default), NSGA-II or random, seeded.
+- :class:`SweepFeedbackSearch`: Ray's ``OptunaSearch``, multi-objective, its study in the
+  experiment directory (``optuna.db``, so ``prunetune resume`` keeps it). When a trial
+  completes, every other point of its sweep is added to the study as a completed trial with
+  its own (lr, prune_ratio[, method, int8]) and objective values (:func:`sweep_evidence`): one
+  training gives the sampler a whole curve of evidence, not one point.
+- :func:`tune_search`: what Tune gets from all this; ``sampler = "grid"`` runs ``grid_lrs``
+  with no searcher instead.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from ray.tune.search.optuna import OptunaSearch
+
+from trainables.names import STUDY_FILE
+from trainables.sweep import table_from_report
+from tuning.pareto import Objective
+from tuning.spec import Spec
+
+Space = dict[str, optuna.distributions.BaseDistribution]
+
+
+def optuna_space(spec: Spec) -> Space:
+    """The distributions a trial's config is sampled from."""
+    q = spec.search
+    space: Space = {
+        "lr": optuna.distributions.FloatDistribution(q.lr_min, q.lr_max, log=True),
+        "prune_ratio": optuna.distributions.FloatDistribution(q.ratio_min, q.ratio_max),
+    }
+    if q.search_method and len(spec.sweep.methods) > 1:
+        space["method"] = optuna.distributions.CategoricalDistribution(spec.sweep.methods)
+    if spec.sweep.int8:
+        space["int8"] = optuna.distributions.CategoricalDistribution([False, True])
+    return space
+
+
+def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
+    """The ``[search] sampler``, seeded with ``[search] seed``."""
+    q = spec.search
+    if q.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=q.seed, population_size=max(4, min(50, q.num_samples // 2)))
+    if q.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=q.seed)
+    return optuna.samplers.TPESampler(seed=q.seed, multivariate=True,
+                                      n_startup_trials=min(10, max(2, q.num_samples // 3)))
+
+
+class SweepFeedbackSearch(OptunaSearch):
+    """``OptunaSearch`` that also tells the study every sweep point of a completed trial."""
+
+    def __init__(self, space: Space, objectives: list[Objective], sampler: optuna.samplers.BaseSampler,
+                 study_name: str, storage: optuna.storages.BaseStorage, feedback: bool = True) -> None:
+        metrics = [o.metric for o in objectives]
+        super().__init__(space=space, metric=metrics, mode=[o.mode for o in objectives], sampler=sampler,
+                         study_name=study_name, storage=storage)
+        self.space, self.metrics, self.feedback = space, metrics, feedback
+        self.study = optuna.load_study(study_name=study_name, storage=storage)  # the one Ray just made
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and any(result.get(m) is None for m in self.metrics):
+            # diverged or early-stopped: no objectives, so Optuna records it as pruned (Ray's
+            # OptunaSearch would try to tell [None, None] as COMPLETE and leave it RUNNING)
+            result = None
+        super().on_trial_complete(trial_id, result, error)
+        table = table_from_report(result) if self.feedback and result else None
+        if table is None:
+            return
+        for params, values in sweep_evidence(table, result, self.space, self.metrics):
+            self.study.add_trial(optuna.trial.create_trial(
+                params=params, distributions={k: self.space[k] for k in params}, values=values,
+                user_attrs={"source": "sweep", "ray_trial_id": trial_id},
+            ))
+
+
+def sweep_evidence(table: pd.DataFrame, trial: dict[str, Any], space: Space,
+                   metrics: list[str]) -> list[tuple[dict, list[float]]]:
+    """(params, objective values) for every point of a trial's sweep ``table`` that the search
+    space can express, except the trial's own point (Tune already told the study that one).
+    ``trial``: its sampled ``lr``, ``method``, ``prune_ratio`` and ``int8``."""
+    out = []
+    own = (trial.get("method"), trial.get("prune_ratio"), bool(trial.get("int8", False)))
+    ratio_dist = space["prune_ratio"]
+    for p in table.to_dict("records"):
+        if (p["method"], p["ratio"], bool(p["int8"])) == own:
+            continue
+        if ("method" not in space and p["method"] != own[0]) or ("int8" not in space and p["int8"]):
+            continue
+        if not ratio_dist.low <= p["ratio"] <= ratio_dist.high:
+            continue
+        values = [p.get(m) for m in metrics]
+        if any(v is None or not math.isfinite(v) for v in values):
+            continue
+        params = {"lr": trial["lr"], "prune_ratio": p["ratio"]}
+        params.update({k: p[k] for k in ("method", "int8") if k in space})
+        out.append((params, values))
+    return out
+
+
+def make_searcher(spec: Spec, exp_dir: Path) -> SweepFeedbackSearch:
+    """The searcher of a new search, its study in ``exp_dir``."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / STUDY_FILE}")
+    return SweepFeedbackSearch(optuna_space(spec), spec.search.objectives, make_sampler(spec), study_name=spec.name,
+                               storage=storage, feedback=spec.search.sweep_feedback)
+
+
+def tune_search(spec: Spec, exp_dir: Path) -> tuple[dict[str, Any], SweepFeedbackSearch | None, int]:
+    """Tune's ``(param_space, search_alg, num_samples)``: Optuna sampling ``num_samples``
+    trials, or with ``sampler = "grid"`` one trial per ``grid_lrs`` value and no searcher."""
+    from ray import tune
+
+    q = spec.search
+    if q.sampler == "grid":
+        return {"lr": tune.grid_search(q.grid_lrs), "prune_ratio": q.ratio_min}, None, 1
+    return {}, make_searcher(spec, exp_dir), q.num_samples
