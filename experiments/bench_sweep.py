@@ -21,7 +21,8 @@ import torch
 
 from trainables import compress, data, measure
 from trainables.sweep import SweepConfig, run_sweep
-from trainables.train import evaluate, load_checkpoint, model_from_checkpoint
+from trainables.checkpoint import load_checkpoint, model_from_checkpoint
+from trainables.train import evaluate
 from tuning.spec import from_dict
 
 

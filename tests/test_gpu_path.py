@@ -22,7 +22,8 @@ from trainables.data import DataConfig
 from trainables.measure import prunable_layers, sparsity
 from trainables.model import cifar_resnet18
 from trainables.sweep import SweepConfig, run_sweep
-from trainables.train import ResumeWarning, TrainConfig, evaluate, fit, load_checkpoint
+from trainables.checkpoint import ResumeWarning, load_checkpoint
+from trainables.train import TrainConfig, evaluate, fit
 
 TRAIN = TrainConfig(epochs=1, batch_size=30, lr=0.002, optimizer="adam", threads=2, eval_batch_size=64)
 
@@ -114,6 +115,7 @@ def test_evaluate_honours_amp(cuda_branch, tiny):
     assert set(seen) == {torch.float32}
 
 
+@pytest.mark.slow
 def test_channels_last_model_sweeps_every_method_with_int8_and_finetuning(cuda_branch, tiny):
     model = _channels_last_model()  # what fit trains on CUDA; weights need not be trained for this
     cfg = SweepConfig(methods=list(METHODS), ratios=[0.5], int8=True, finetune_epochs=1, finetune_lr=0.01,
@@ -154,9 +156,9 @@ def test_resume_with_rng_states_of_more_gpus_than_visible(tiny, tmp_path, monkey
 
     import sys
 
-    # CUDA "is available" to trainables.train only: torch's own optimiser would otherwise try it
-    monkeypatch.setattr(torch.cuda, "is_available",
-                        lambda: sys._getframe(1).f_globals.get("__name__") == "trainables.train")
+    # CUDA "is available" to the training and checkpoint code only: torch's own optimiser would otherwise try it
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: sys._getframe(1).f_globals.get("__name__") in
+                        ("trainables.train", "trainables.checkpoint"))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", untouchable)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", untouchable)
     resumed = fit(tiny, dataclasses.replace(TRAIN, epochs=2), checkpoint_path=tmp_path / "c.pt", resume=ckpt)
@@ -169,6 +171,7 @@ def test_resume_on_another_device_warns(tiny, tmp_path):
         fit(tiny, dataclasses.replace(TRAIN, epochs=2), resume=ckpt)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_a_gpu_trial_sweeps_on_a_cpu(tiny, tmp_path):
     from tuning.spec import from_dict
 
@@ -183,6 +186,7 @@ def test_checkpoint_of_a_gpu_trial_sweeps_on_a_cpu(tiny, tmp_path):
     assert [p["ratio"] for p in json.loads(r.stdout.strip().splitlines()[-1])] == [0.0, 0.5]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that cannot use the GPU Ray assigns")
 def test_a_trial_given_a_gpu_torch_cannot_use_fails_clearly():
     import ray

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from trainables import compress, data
 from trainables.model import ARCH, cifar_resnet18
 from trainables.names import CHECKPOINT_ARTIFACT, CHECKPOINT_FILE, CheckpointMeta
-from trainables.train import save_checkpoint
+from trainables.checkpoint import save_checkpoint
 from tuning import models
 from tuning.models import ModelError, Point
 from tuning.pareto import Objective

@@ -77,6 +77,7 @@ def test_a_model_ort_cannot_load_is_a_clear_error(payload):
         ort.OrtModel(payload, name="global_l1 at 0.3")
 
 
+@pytest.mark.slow
 def test_sweep_in_onnxruntime_goes_on_past_a_point_ort_cannot_take(tiny, monkeypatch, capsys):
     torch.manual_seed(0)
     dense = cifar_resnet18().eval()

@@ -4,7 +4,8 @@ import torch
 from trainables import compress, data
 from trainables.data import DataConfig
 from trainables.measure import sparsity
-from trainables.sweep import COLUMNS, SweepConfig, distillation_loss, finetune, run_sweep
+from trainables.finetune import distillation_loss, finetune
+from trainables.sweep import COLUMNS, SweepConfig, run_sweep
 from trainables.train import TrainConfig, evaluate, fit
 
 TRAIN = TrainConfig(epochs=1, batch_size=30, lr=0.002, optimizer="adam", threads=2, eval_batch_size=64)
@@ -106,6 +107,7 @@ def test_distillation_loss_pulls_towards_the_teacher():
     assert hard(teacher(x), x, y).item() == pytest.approx(torch.nn.functional.cross_entropy(teacher(x), y).item())
 
 
+@pytest.mark.slow
 def test_finetuning_gives_the_dense_point_equal_compute(trained):
     model, splits = trained
     cfg = quick(methods=["global_l1", "channel_l1"], ratios=[0.0, 0.7], finetune_epochs=1)
@@ -119,6 +121,7 @@ def test_finetuning_gives_the_dense_point_equal_compute(trained):
     assert (plain.finetune_epochs == 0).all() and plain.accuracy_no_finetune.isna().all()
 
 
+@pytest.mark.slow
 def test_qat_int8_rows_keep_the_mask(trained):
     model, splits = trained
     cfg = quick(methods=["global_l1"], ratios=[0.5], int8=True, int8_mode="qat", finetune_epochs=1)

@@ -5,7 +5,8 @@ import torch
 
 from trainables import data
 from trainables.data import DataConfig
-from trainables.train import CheckpointError, Diverged, TrainConfig, fit, load_checkpoint, model_from_checkpoint
+from trainables.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from trainables.train import Diverged, TrainConfig, fit
 
 
 @pytest.fixture(scope="module")

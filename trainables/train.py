@@ -14,7 +14,7 @@ A checkpoint holds model, optimiser, scheduler, completed epochs, the CPU RNG st
 it trained on, the training config, ``meta`` and the per-epoch history. Since each epoch's
 shuffle and augmentation depend only on ``(seed, epoch)`` and the device's generator, resuming
 on the same kind of device continues the run exactly: the same weights as an uninterrupted run.
-Resuming on another kind (CUDA and CPU generators differ) warns with :class:`ResumeWarning`.
+Resuming on another kind (CUDA and CPU generators differ) warns (``checkpoint.ResumeWarning``).
 A NaN/Inf loss raises :class:`Diverged` naming the epoch and the lr; the last good checkpoint
 is kept.
 """
@@ -23,9 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -33,6 +31,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn as nn
 
+from trainables.checkpoint import restore, save_checkpoint
 from trainables.data import Split, Splits, eval_batches, train_batches
 from trainables.model import ARCH, cifar_resnet18
 
@@ -71,14 +70,6 @@ class Diverged(RuntimeError):
 
 class DeviceError(RuntimeError):
     """The requested training device is not there."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or not ours."""
-
-
-class ResumeWarning(UserWarning):
-    """A run resumes on another kind of device than it trained on: not an exact continuation."""
 
 
 @dataclass
@@ -218,72 +209,6 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 512, *, amp: bool
     return correct.item() / max(len(split), 1)
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a reader (or a crash) never sees a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`fit`; clear errors for a missing or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; `prunetune train FILE` writes one")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a prunetune checkpoint: {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH:
-        found = ckpt.get("arch") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} is not a {ARCH} checkpoint written by prunetune (found {found!r})")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
-    model = cifar_resnet18(ckpt.get("num_classes", 10))
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
-# Knobs that do not change the result; everything else must match to continue a run exactly.
-_RESUME_FREE = {"threads", "device", "eval_batch_size", "output_dir"}
-
-
-def _check_same_run(ckpt: dict[str, Any], cfg: TrainConfig) -> None:
-    now = dataclasses.asdict(cfg)
-    diff = [f"{k}={ckpt['train'].get(k)!r} (now {v!r})" for k, v in now.items()
-            if k not in _RESUME_FREE and ckpt["train"].get(k) != v]
-    if diff:
-        raise CheckpointError(
-            "cannot resume: the checkpoint's run was trained with " + ", ".join(diff)
-            + "; resuming continues that same run, so use the same experiment file and --set values"
-        )
-
-
-def _restore(resume: dict[str, Any], cfg: TrainConfig, model: nn.Module, opt: torch.optim.Optimizer,
-             sched, device: torch.device) -> list[dict[str, float]]:
-    """Put a checkpoint's model, optimiser, scheduler and RNG state back; return its history.
-
-    Batches draw from their own (seed, epoch) generators, so the CPU state is all there is;
-    older checkpoints' per-GPU CUDA states are ignored (their count need not match this node's).
-    """
-    _check_same_run(resume, cfg)
-    model.load_state_dict(resume["model"])
-    opt.load_state_dict(resume["optimizer"])
-    sched.load_state_dict(resume["scheduler"])
-    torch.set_rng_state(resume["rng"]["torch"])
-    trained_on = resume.get("device", device.type)
-    if trained_on != device.type:
-        warnings.warn(ResumeWarning(
-            f"resuming a run that trained on {trained_on} on {device.type}: epochs from {resume['epoch'] + 1} on "
-            f"shuffle and augment with the {device.type} generator, so the weights will differ from an "
-            f"uninterrupted {trained_on} run"), stacklevel=3)
-    return list(resume["history"])
-
-
 def fit(
     splits: Splits,
     cfg: TrainConfig,
@@ -307,7 +232,7 @@ def fit(
     opt = make_optimizer(model, cfg)
     steps = max(1, len(splits.train) // cfg.batch_size)
     sched = make_scheduler(opt, cfg, steps)
-    history = _restore(resume, cfg, model, opt, sched, device) if resume is not None else []
+    history = restore(resume, dataclasses.asdict(cfg), model, opt, sched, device) if resume is not None else []
     start_epoch = resume["epoch"] + 1 if resume is not None else 1
 
     result = FitResult(model=model, history=history, checkpoint=str(checkpoint_path) if checkpoint_path else None)

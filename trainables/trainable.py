@@ -38,7 +38,8 @@ from trainables.data import Splits
 from trainables.names import (CHECKPOINT_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN,
                               CheckpointMeta)
 from trainables.sweep import SweepConfig, run_sweep, table_to_json
-from trainables.train import DeviceError, Diverged, TrainConfig, fit, load_checkpoint, model_from_checkpoint
+from trainables.checkpoint import load_checkpoint, model_from_checkpoint
+from trainables.train import DeviceError, Diverged, TrainConfig, fit
 
 LATENCY_CACHE = "prunetune_latency_cache"
 

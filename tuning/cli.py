@@ -29,7 +29,8 @@ def _print_json(obj: dict | list[dict]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from trainables import data
-    from trainables.train import fit, load_checkpoint, pick_device
+    from trainables.checkpoint import load_checkpoint
+    from trainables.train import fit, pick_device
 
     spec = spec_mod.load(args.file, args.set)
     device = pick_device(spec.train.device)
@@ -269,7 +270,8 @@ def _add_mlflow(sub) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from trainables.data import DataError
-    from trainables.train import CheckpointError, DeviceError, Diverged
+    from trainables.checkpoint import CheckpointError
+    from trainables.train import DeviceError, Diverged
     from tuning.jobs import SubmitError
     from tuning.models import ModelError
     from tuning.runs import NotFound

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from trainables import compress, data
 from trainables.names import CHECKPOINT_ARTIFACT, CheckpointMeta
-from trainables.train import load_checkpoint, model_from_checkpoint
+from trainables.checkpoint import load_checkpoint, model_from_checkpoint
 from tuning import pareto
 from tuning.pareto import Objective
 from tuning.spec import Spec, from_dict
