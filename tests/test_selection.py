@@ -1,0 +1,99 @@
+"""tuning.selection: what may be shipped (deployable, above the floor) and which point the
+budgets pick, checked against brute force on constructed and random points."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tuning import pareto, selection
+from tuning.pareto import Objective
+from tuning.selection import Rules
+
+OBJECTIVES = [Objective("accuracy", "max"), Objective("latency_ms", "min")]
+
+
+def points(rows: list[tuple]) -> pd.DataFrame:
+    """(accuracy, latency_ms, ratio, int8, finetune_epochs) rows of one pretend trial."""
+    df = pd.DataFrame(rows, columns=["accuracy", "latency_ms", "ratio", "int8", "finetune_epochs"])
+    df.insert(0, "trial_id", "t1")
+    df.insert(1, "lr", 0.01)
+    df.insert(2, "method", "channel_l1")
+    return df
+
+
+def test_default_floor_is_twice_chance():
+    assert selection.default_floor(10) == pytest.approx(0.2) and selection.default_floor(100) == pytest.approx(0.02)
+
+
+def test_candidates_are_the_fine_tuned_points_above_the_floor():
+    df = points([(0.9, 10.0, 0.0, False, 2), (0.95, 10.0, 0.0, False, 0), (0.1, 1.0, 0.7, False, 2),
+                 (0.5, 3.0, 0.5, True, 2), (float("nan"), 2.0, 0.5, False, 2)])
+    got = selection.candidates(df, Rules(finetune_epochs=2, floor=0.2))
+    assert list(got.index) == [0, 3]  # not the no-retrain row, not the one at chance, not the failed one
+    assert list(selection.candidates(df, Rules(floor=0.2)).index) == [0, 1, 3]  # without fine-tuning: every point
+
+
+def test_dense_reference_is_the_best_equal_compute_dense_fp32_point():
+    df = points([(0.8, 10.0, 0.0, False, 2), (0.9, 10.0, 0.0, False, 0), (0.85, 3.0, 0.0, True, 2),
+                 (0.7, 2.0, 0.5, False, 2)])
+    assert selection.dense_reference(df, Rules(finetune_epochs=2)) == 0.8
+    assert math.isnan(selection.dense_reference(df.iloc[3:], Rules(finetune_epochs=2)))
+
+
+def test_pick_names_the_aliases_and_the_fastest_point_within_the_budgets():
+    front = pd.DataFrame({"accuracy": [0.9, 0.85, 0.5], "latency_ms": [10.0, 3.0, 1.0]}, index=[7, 8, 9])
+    assert selection.pick(front, OBJECTIVES, Rules(), 0.9) == {"best-accuracy": 7, "fastest": 9, "knee": 8,
+                                                                "pick": 9}
+    assert selection.pick(front, OBJECTIVES, Rules(max_accuracy_drop=0.06), 0.9)["pick"] == 8
+    assert selection.pick(front, OBJECTIVES, Rules(max_latency_ms=5.0, max_accuracy_drop=0.01), 0.9).get("pick") is None
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fastest_feasible_equals_brute_force_and_lies_on_the_front(seed):
+    rng = np.random.default_rng(seed)
+    df = points([(float(rng.uniform(0.05, 0.95)), float(rng.uniform(1, 20)), float(rng.choice([0.0, 0.3, 0.5])),
+                  bool(rng.integers(2)), 2) for _ in range(40)])
+    rules = Rules(finetune_epochs=2, floor=0.2, max_latency_ms=float(rng.uniform(3, 15)),
+                  max_accuracy_drop=float(rng.uniform(0.0, 0.3)))
+    shippable = selection.candidates(df, rules)
+    dense = selection.dense_reference(df, rules)
+    ok = [i for i, r in shippable.iterrows()
+          if r.latency_ms <= rules.max_latency_ms and dense - r.accuracy <= rules.max_accuracy_drop + 1e-12]
+    want = min(ok, key=lambda i: (shippable.latency_ms[i], -shippable.accuracy[i])) if ok else None
+    assert selection.fastest_feasible(shippable, rules, dense) == want
+    front = pareto.front(shippable, OBJECTIVES)
+    assert selection.pick(front, OBJECTIVES, rules, dense).get("pick") == want  # the front holds it
+
+
+def test_closest_names_the_points_nearest_the_budgets():
+    df = points([(0.9, 10.0, 0.0, False, 2), (0.88, 6.0, 0.3, False, 2), (0.6, 2.0, 0.5, False, 2)])
+    rules = Rules(finetune_epochs=2, max_latency_ms=4.0, max_accuracy_drop=0.05)
+    text = selection.closest(df, rules, 0.9)
+    assert "no point meets the budgets" in text and "--max-latency-ms" in text
+    assert "fastest within the accuracy budget: trial t1 channel_l1 ratio 0.3" in text and "+2.000 ms over" in text
+    assert "most accurate within the latency budget: trial t1 channel_l1 ratio 0.5" in text and "drop 30.00" in text
+
+
+def test_rules_from_a_finished_search_run():
+    params = {"search.finetune_epochs": "2", "search.max_latency_ms": "inf", "search.max_accuracy_drop": "0.02"}
+    rules = selection.rules_from_run(params, {"accuracy_floor": 0.2})
+    assert rules == Rules(finetune_epochs=2, floor=0.2, max_latency_ms=math.inf, max_accuracy_drop=0.02)
+    assert selection.rules_from_run(params, {}, max_latency_ms=5.0).max_latency_ms == 5.0
+
+
+def test_describe_names_floor_and_budgets():
+    assert Rules(floor=0.2).describe() == "floor accuracy >= 0.200"
+    text = Rules(floor=0.2, max_latency_ms=5, max_accuracy_drop=0.01).describe()
+    assert "latency <= 5 ms" in text and "accuracy drop <= 1 points" in text
+    assert not Rules().budgeted and all(Rules(**kw).budgeted for kw in ({"max_latency_ms": 1.0},
+                                                                        {"max_accuracy_drop": 0.0}))
+
+
+def test_every_alias_is_named():
+    front = pd.DataFrame({"accuracy": [0.9, 0.5], "latency_ms": [10.0, 1.0]})
+    assert set(selection.pick(front, OBJECTIVES, Rules(), 0.9)) == set(selection.ALIASES)
+    assert list(itertools.islice(selection.ALIASES, 3)) == ["best-accuracy", "fastest", "knee"]

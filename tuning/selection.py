@@ -1,0 +1,170 @@
+"""Which points may be shipped, and which one to ship: the accuracy floor, the budgets, the aliases.
+
+A search measures many points; users leave with one. The rules, in order:
+
+- **deployable**: with ``[search] finetune_epochs > 0`` only the fine-tuned points (the trials'
+  own points and their equal-compute dense points) are models anyone would ship; the
+  no-retrain sweep is the cheap curve beside them. Without fine-tuning every point is.
+- **the floor** (``[search] min_accuracy``; by default twice chance, ``2 / classes``: 0.2 for
+  CIFAR-10): a model below it guesses, whatever its latency. It never enters the front, the
+  registry or the front line of ``pareto.png``.
+- **the budgets** (``[search] max_latency_ms``, ``max_accuracy_drop``; ``inf``: none): the
+  accuracy drop is measured against the best equal-compute dense point of the search (the
+  dense model given the same fine-tuning epochs), so a drop is never the extra epochs' gain.
+- **the aliases**: ``best-accuracy``, ``fastest`` and ``knee`` among the front above the floor;
+  ``pick``, the fastest point that meets both budgets (the fastest feasible point is always on
+  the front: whatever dominates it meets the budgets too).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from tuning import pareto
+from tuning.pareto import Objective
+
+if TYPE_CHECKING:
+    from tuning.spec import Spec
+
+ALIASES = ("best-accuracy", "fastest", "knee", "pick")
+
+
+class NoFeasiblePoint(LookupError):
+    """No point meets the budgets; the message names the closest ones."""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What decides which points may be shipped and which is picked."""
+
+    finetune_epochs: int = 0  # the deployable points' fine-tuning epochs (0: every point)
+    floor: float = 0.0  # minimum validation accuracy (0-1)
+    max_latency_ms: float = math.inf
+    max_accuracy_drop: float = math.inf  # below the best equal-compute dense point, 0-1
+
+    @property
+    def budgeted(self) -> bool:
+        return math.isfinite(self.max_latency_ms) or math.isfinite(self.max_accuracy_drop)
+
+    def describe(self) -> str:
+        parts = [f"floor accuracy >= {self.floor:.3f}"]
+        if math.isfinite(self.max_latency_ms):
+            parts.append(f"latency <= {self.max_latency_ms:g} ms")
+        if math.isfinite(self.max_accuracy_drop):
+            parts.append(f"accuracy drop <= {100 * self.max_accuracy_drop:g} points")
+        return ", ".join(parts)
+
+
+def rules_for(spec: Spec, num_classes: int) -> Rules:
+    """The rules of a search: its ``[search]`` settings, the floor resolved for ``num_classes``."""
+    q = spec.search
+    floor = q.min_accuracy if q.min_accuracy >= 0 else default_floor(num_classes)
+    return Rules(finetune_epochs=q.finetune_epochs, floor=floor, max_latency_ms=q.max_latency_ms,
+                 max_accuracy_drop=q.max_accuracy_drop)
+
+
+def default_floor(num_classes: int) -> float:
+    """Twice chance: ``2 / num_classes`` (0.2 for 10 classes)."""
+    return 2.0 / max(num_classes, 2)
+
+
+def deployable(points: pd.DataFrame, rules: Rules) -> pd.Series:
+    """Rows that are shippable models (see the module docstring), with finite accuracy."""
+    if not len(points):
+        return pd.Series(dtype=bool)
+    ok = points["accuracy"].notna()
+    if rules.finetune_epochs and "finetune_epochs" in points:
+        ok &= points["finetune_epochs"] == rules.finetune_epochs
+    return ok
+
+
+def candidates(points: pd.DataFrame, rules: Rules) -> pd.DataFrame:
+    """The deployable rows above the floor: what the front is computed over."""
+    if not len(points):
+        return points
+    return points[deployable(points, rules) & (points["accuracy"] >= rules.floor)]
+
+
+def dense_reference(points: pd.DataFrame, rules: Rules) -> float:
+    """Accuracy of the best equal-compute dense point (ratio 0, fp32, deployable); NaN if none."""
+    if not len(points):
+        return math.nan
+    dense = points[deployable(points, rules) & (points["ratio"] == 0.0) & ~points["int8"].astype(bool)]
+    return float(dense["accuracy"].max()) if len(dense) else math.nan
+
+
+def feasible(points: pd.DataFrame, rules: Rules, dense_accuracy: float) -> pd.Series:
+    """Rows that meet both budgets (a NaN dense reference meets no accuracy-drop budget)."""
+    ok = points["latency_ms"] <= rules.max_latency_ms
+    if math.isfinite(rules.max_accuracy_drop):
+        ok &= (dense_accuracy - points["accuracy"]) <= rules.max_accuracy_drop + 1e-12
+    return ok
+
+
+def pick(front: pd.DataFrame, objectives: list[Objective], rules: Rules, dense_accuracy: float) -> dict[str, Any]:
+    """Alias -> the front row (index label) it names. ``pick`` is there only when a point meets
+    the budgets (always, without budgets: then it is the fastest)."""
+    (acc, acc_mode), (lat, lat_mode) = objectives[0], objectives[1]
+    out = {
+        "best-accuracy": front[acc].idxmax() if acc_mode == "max" else front[acc].idxmin(),
+        "fastest": front[lat].idxmin() if lat_mode == "min" else front[lat].idxmax(),
+        "knee": pareto.knee(front, objectives),
+    }
+    chosen = fastest_feasible(front, rules, dense_accuracy)
+    if chosen is not None:
+        out["pick"] = chosen
+    return out
+
+
+def fastest_feasible(points: pd.DataFrame, rules: Rules, dense_accuracy: float) -> Any | None:
+    """Index label of the fastest point (ties: the more accurate) that meets both budgets, or None."""
+    ok = points[feasible(points, rules, dense_accuracy)]
+    return ok.sort_values(["latency_ms", "accuracy"], ascending=[True, False]).index[0] if len(ok) else None
+
+
+def rules_from_run(params: dict[str, str], metrics: dict[str, float], max_latency_ms: float | None = None,
+                   max_accuracy_drop: float | None = None) -> Rules:
+    """The rules of a finished search from its parent run (``search.*`` params, the resolved
+    floor metric), with budgets given now taking the place of the search's."""
+    from trainables.names import ACCURACY_FLOOR
+
+    def given(value: float | None, key: str) -> float:
+        return value if value is not None else float(params.get(f"search.{key}", "inf"))
+
+    return Rules(finetune_epochs=int(params.get("search.finetune_epochs", "0")),
+                 floor=float(metrics.get(ACCURACY_FLOOR, 0.0)),
+                 max_latency_ms=given(max_latency_ms, "max_latency_ms"),
+                 max_accuracy_drop=given(max_accuracy_drop, "max_accuracy_drop"))
+
+
+def closest(points: pd.DataFrame, rules: Rules, dense_accuracy: float) -> str:
+    """Why no point meets the budgets, naming the points closest to them: the fastest within the
+    accuracy budget and the most accurate within the latency budget."""
+    lines = [f"no point meets the budgets ({rules.describe()}; best equal-compute dense accuracy "
+             f"{dense_accuracy:.4f})."]
+    drop = dense_accuracy - points["accuracy"]
+    within_drop = points[drop <= rules.max_accuracy_drop + 1e-12]
+    if len(within_drop):
+        r = within_drop.sort_values("latency_ms").iloc[0]
+        lines.append(f"  fastest within the accuracy budget: {_name(r)} at {r.latency_ms:.3f} ms "
+                     f"({r.latency_ms - rules.max_latency_ms:+.3f} ms over)")
+    within_latency = points[points["latency_ms"] <= rules.max_latency_ms]
+    if len(within_latency):
+        r = within_latency.sort_values("accuracy", ascending=False).iloc[0]
+        lines.append(f"  most accurate within the latency budget: {_name(r)}, accuracy {r.accuracy:.4f} "
+                     f"(drop {100 * (dense_accuracy - r.accuracy):.2f} points, budget "
+                     f"{100 * rules.max_accuracy_drop:g})")
+    if len(lines) == 1:
+        lines.append("  every point misses both budgets; the fastest: " +
+                     _name(points.sort_values("latency_ms").iloc[0]))
+    lines.append("Relax --max-latency-ms / --max-accuracy-drop ([search] max_latency_ms / max_accuracy_drop), "
+                 "or search further (more trials, more fine-tuning epochs).")
+    return "\n".join(lines)
+
+
+def _name(r: pd.Series) -> str:
+    return (f"trial {r.trial_id} {r.method} ratio {r.ratio:g}{' int8' if bool(r.int8) else ''} "
+            f"(lr {r.lr:.3g})")
