@@ -29,11 +29,16 @@ ERROR = "error"
 CHECKPOINT_FILE = "checkpoint.pt"  # the dense checkpoint of a trial or of `prunetune train`
 CHECKPOINT_DIR = "checkpoint"  # a trial run's artifact directory holding it ...
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"  # ... so its artifact path is this
+# beside it, a trial's fine-tuned (deployable) points' fp32 weights, "method@ratio" -> state dict
+DEPLOYABLE_FILE = "deployable.pt"
+DEPLOYABLE_ARTIFACT = f"{CHECKPOINT_DIR}/{DEPLOYABLE_FILE}"
 SWEEP_CSV = "sweep.csv"  # a trial run's sweep table
 EXPERIMENT_JSON = "experiment.json"  # the parent run's experiment spec
 # in the experiment directory, and artifacts of the parent run after the search
 TRIALS_CSV, POINTS_CSV, FRONT_CSV, FRONT_PNG = "trials.csv", "all_points.csv", "pareto.csv", "pareto.png"
-HYPERVOLUME = "pareto_hypervolume"  # the parent run's metric
+HYPERVOLUME = "pareto_hypervolume"  # the parent run's metrics: the front's hypervolume,
+ACCURACY_FLOOR = "accuracy_floor"  # the floor it obeys (resolved: twice chance by default),
+DENSE_ACCURACY = "dense_accuracy"  # the best equal-compute dense accuracy (what a drop is against)
 # in the experiment directory only: what `prunetune resume` reads back
 SPEC_FILE, STUDY_FILE, TRACKING_FILE = "prunetune_spec.json", "optuna.db", "tracking_uri"
 
@@ -45,6 +50,8 @@ TRIAL_ID_TAG = "prunetune.trial_id"  # the child run of that Ray Tune trial
 STATUS_TAG = "prunetune.status"  # a trial's end: done | diverged | error
 ERROR_TAG = "prunetune.error"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent in the UI
+# on the experiment: MLflow 3's UI reads it and opens the experiment on its training runs
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class CheckpointMeta(TypedDict):

@@ -8,7 +8,8 @@ checkpoint), ``all_points.csv`` (every sweep point of every completed trial) and
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,12 @@ from ray.tune import Result, ResultGrid
 
 from trainables.names import CHECKPOINT_FILE, ERROR, FRONT_CSV, FRONT_PNG, PHASE, POINTS_CSV, TRAIN, TRIALS_CSV
 from trainables.sweep import table_from_report
-from tuning import pareto
+from tuning import pareto, selection
 from tuning.pareto import Objective
+from tuning.selection import Rules
 from tuning.spec import Spec
+
+LATENCY_TRIAL, LATENCY_QUIET = "trial", "quiet"  # latency_source: timed inside a trial, or re-measured quiet
 
 # what trials.csv keeps of a trial's last report, beside its status and sampled values
 _TRIAL_COLUMNS = ("method", "int8", "node_id", "cuda_visible_devices", "trial_start", "trial_end", ERROR)
@@ -30,8 +34,11 @@ class SearchResult:
     path: Path  # the experiment directory (what `prunetune resume` takes)
     trials: pd.DataFrame  # one row per trained trial
     points: pd.DataFrame  # one row per sweep point of every completed trial
-    front: pd.DataFrame  # the Pareto-optimal points
+    front: pd.DataFrame  # the Pareto-optimal points among the shippable ones (selection.candidates)
     hypervolume: float | None = None  # of the front, 2 objectives only (reference: see reference_point)
+    rules: Rules = field(default_factory=Rules)  # the floor and budgets the front and the aliases obey
+    dense_accuracy: float = math.nan  # of the best equal-compute dense point (the accuracy-drop reference)
+    aliases: dict[str, Any] = field(default_factory=dict)  # alias -> front row (index label); "pick" if feasible
 
     def files(self) -> list[Path]:
         """The tables (and the plot, once drawn) in the experiment directory."""
@@ -43,20 +50,32 @@ class SearchResult:
                 for r in self.trials.itertuples() if isinstance(r.checkpoint, str)}
 
 
-def collect(spec: Spec, exp_dir: Path, grid: ResultGrid) -> SearchResult:
-    """Trials, every sweep point and the Pareto front of a finished search; written to ``exp_dir``."""
+def collect(spec: Spec, exp_dir: Path, grid: ResultGrid, rules: Rules) -> SearchResult:
+    """Trials, every sweep point and the Pareto front of a finished search; written to ``exp_dir``.
+    Latencies are the trials' own (``latency_source = trial``) until :mod:`tuning.quiet` re-measures."""
     trials = pd.DataFrame([_trial_row(r) for r in grid])
     tables = [t for t in (_points(r) for r in grid) if t is not None]
     points = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    objectives = spec.search.objectives
-    front = pareto.front(points, objectives) if len(points) else points
-    hv = None
-    if len(objectives) == 2 and len(points):
-        hv = pareto.hypervolume_2d(points, objectives, reference_point(points, objectives))
+    if len(points):
+        points["latency_source"] = LATENCY_TRIAL
     trials.to_csv(exp_dir / TRIALS_CSV, index=False)
-    points.to_csv(exp_dir / POINTS_CSV, index=False)
-    front.to_csv(exp_dir / FRONT_CSV, index=False)
-    return SearchResult(exp_dir, trials, points, front, hv)
+    return refresh(SearchResult(exp_dir, trials, points, points.iloc[:0], rules=rules), spec)
+
+
+def refresh(res: SearchResult, spec: Spec) -> SearchResult:
+    """Recompute the front (over the shippable points above the floor), its hypervolume and the
+    dense reference from ``res.points``, and write ``all_points.csv`` and ``pareto.csv``."""
+    objectives = spec.search.objectives
+    shippable = selection.candidates(res.points, res.rules)
+    res.front = pareto.front(shippable, objectives) if len(shippable) else shippable
+    res.hypervolume = None
+    if len(objectives) == 2 and len(shippable):
+        res.hypervolume = pareto.hypervolume_2d(shippable, objectives, reference_point(shippable, objectives))
+    res.dense_accuracy = selection.dense_reference(res.points, res.rules)
+    res.aliases = selection.pick(res.front, objectives, res.rules, res.dense_accuracy) if len(res.front) else {}
+    res.points.to_csv(res.path / POINTS_CSV, index=False)
+    res.front.to_csv(res.path / FRONT_CSV, index=False)
+    return res
 
 
 def reference_point(points: pd.DataFrame, objectives: list[Objective]) -> list[float]:
@@ -89,8 +108,9 @@ def _points(r: Result) -> pd.DataFrame | None:
 
 
 def plot_front(res: SearchResult, objectives: list[Objective]) -> Path | None:
-    """``pareto.png``: every sweep point grey, the front in red, each front point labelled with
-    the recipe a user exports (lr, method, ratio, int8). Two objectives only.
+    """``pareto.png``: the shippable points above the floor in blue, every other point grey (the
+    no-retrain curve, points below the floor), the floor dashed, the front in red with each point
+    labelled with the recipe a user exports (lr, method, ratio, int8). Two objectives only.
 
     Optuna's ``plot_pareto_front`` draws a study's trials instead, and the study holds only
     the points its search space can express: a grid search has no study, and sweep points at
@@ -107,8 +127,12 @@ def plot_front(res: SearchResult, objectives: list[Objective]) -> Path | None:
     import matplotlib.pyplot as plt
 
     (y, _), (x, _) = objectives
+    shippable = selection.candidates(res.points, res.rules)
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter(res.points[x], res.points[y], s=14, c="lightgrey", label="all sweep points")
+    ax.scatter(res.points[x], res.points[y], s=12, c="lightgrey", label="not shippable (no-retrain, below the floor)")
+    ax.scatter(shippable[x], shippable[y], s=16, c="tab:blue", alpha=0.6, label="shippable points")
+    if y == "accuracy":
+        ax.axhline(res.rules.floor, ls="--", c="grey", lw=1, label=f"accuracy floor {res.rules.floor:.2f}")
     f = res.front.sort_values(x)
     ax.plot(f[x], f[y], "o-", c="tab:red", label="Pareto front")
     for _, r in f.iterrows():
@@ -116,7 +140,7 @@ def plot_front(res: SearchResult, objectives: list[Objective]) -> Path | None:
                     fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel(x)
     ax.set_ylabel(y)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     out = res.path / FRONT_PNG
@@ -131,10 +155,15 @@ def print_summary(res: SearchResult, spec: Spec) -> None:
     print(f"\n{len(t)} trials: " + ", ".join(f"{n} {s}" for s, n in t.status.value_counts().items()))
     if len(res.front):
         names = [o.metric for o in spec.search.objectives]
-        cols = ["trial_id", "lr", "method", "ratio", "int8", *dict.fromkeys(names + ["test_accuracy", "size_mb"])]
-        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 4):
-            print(f"Pareto front ({', '.join(map(str, spec.search.objectives))}) over {len(res.points)} points:")
+        extra = ["test_accuracy", "accuracy_no_finetune", "latency_cv", "latency_source", "size_mb"]
+        cols = ["trial_id", "lr", "method", "ratio", "int8", *dict.fromkeys(names + extra)]
+        cols = [c for c in cols if c in res.front]
+        with pd.option_context("display.width", 220, "display.max_columns", 20, "display.precision", 4):
+            print(f"Pareto front ({', '.join(map(str, spec.search.objectives))}) of {len(res.front)} points among "
+                  f"{len(res.points)}; {res.rules.describe()}; best equal-compute dense accuracy "
+                  f"{res.dense_accuracy:.4f}:")
             print(res.front[cols].to_string(index=False))
     else:
-        print("no completed trial: no Pareto front")
+        print("no shippable point above the floor: no Pareto front" if len(res.points) else
+              "no completed trial: no Pareto front")
     print(f"results: {res.path} ({TRIALS_CSV}, {POINTS_CSV}, {FRONT_CSV})")

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from trainables import data
-from trainables.names import SPEC_FILE, TRACKING_FILE
-from tuning import cluster, models, results, runs, tracking, tuner
+from trainables.names import ACCURACY_FLOOR, DENSE_ACCURACY, SPEC_FILE, TRACKING_FILE
+from tuning import cluster, quiet, registry, results, runs, selection, tracking, tuner
 from tuning.results import SearchResult
 from tuning.spec import Spec, from_dict
 
@@ -62,11 +62,17 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
             grid = tuner.restore(exp_dir, spec, splits).fit()
         else:
             grid = tuner.create(spec, exp_dir, splits, callbacks=[tracker] if tracker else []).fit()
-    res = results.collect(spec, exp_dir, grid)
+    rules = selection.rules_for(spec, int(splits.train.y.max()) + 1)
+    res = results.collect(spec, exp_dir, grid, rules)
+    if len(res.front):  # the trials' latencies are provisional: time the front quietly, recompute it
+        res = quiet.remeasure(res, spec, data.normalize(splits.train.x[: spec.sweep.calibration_size]))
+        print(quiet.summary(res), flush=True)
     results.plot_front(res, spec.search.objectives)
     if tracker is not None:
         _register(tracker, res, grid, spec, splits)
     results.print_summary(res, spec)
+    if rules.budgeted and len(res.front) and "pick" not in res.aliases:
+        print(selection.closest(selection.candidates(res.points, rules), rules, res.dense_accuracy), flush=True)
     return res
 
 
@@ -79,11 +85,12 @@ def _register(tracker: tracking.MlflowTracking, res: SearchResult, grid, spec: S
         if filled:
             print(f"MLflow: back-filled {len(filled)} trial run(s) missed while the server was away: "
                   f"{', '.join(filled)}", flush=True)
-        tracker.log_search(res.files(), res.hypervolume)
+        tracker.log_search(res.files(), res.hypervolume, {ACCURACY_FLOOR: res.rules.floor,
+                                                           DENSE_ACCURACY: res.dense_accuracy})
         objectives = spec.search.objectives
         if len(res.front) and len(objectives) == 2 and spec.search.register_models:
-            aliases = models.register_front(tracker.uri, tracker.parent_id, res.front, models.pick(res.front, objectives),
-                                            res.checkpoints(), tracker.runs, spec, splits)
+            aliases = registry.register_front(tracker.uri, tracker.parent_id, res.front, res.aliases,
+                                              res.checkpoints(), tracker.runs, spec, splits)
             print(f"registered model {spec.name!r}: " + ", ".join(f"{a} -> version {v}" for a, v in aliases.items()),
                   flush=True)
         tracker.end()

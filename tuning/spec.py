@@ -12,6 +12,7 @@ they get exactly the same checks; ``value`` is parsed as a TOML value (``0.1``, 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -55,7 +56,13 @@ class SearchConfig:
     gpus_per_trial: float = 0.0  # fractional: 0.25 -> four trials share a GPU
     max_concurrent_trials: int = 0  # 0 = as many as resources allow
     max_failures: int = 2  # retries of a trial whose worker died
-    register_models: int = 6  # Pareto models registered in MLflow (the 3 aliased ones at least); 0 = none
+    # what may be shipped and which to pick (tuning/selection.py): a floor on validation accuracy
+    # (< 0: twice chance, 2 / classes) and two budgets (inf: none); the drop is against the best
+    # equal-compute dense point of the search, 0-1 (0.01 = one point)
+    min_accuracy: float = -1.0
+    max_latency_ms: float = math.inf
+    max_accuracy_drop: float = math.inf
+    register_models: int = 6  # Pareto models registered in MLflow (the aliased ones at least); 0 = none
     # Ray results, checkpoints and the Optuna study; on a cluster of several machines a path
     # every node sees (a shared filesystem). Default: $PRUNETUNE_STORAGE_PATH (the containers
     # set it), else ./ray_results.
@@ -173,6 +180,9 @@ def _validate_ranges(spec: Spec) -> None:
     need(s.round_to >= 1, f"[sweep] round_to must be >= 1 (1 = no rounding), got {s.round_to}")
     need(s.latency_runs >= 1 and s.latency_threads >= 1, "[sweep] latency_runs and latency_threads must be >= 1")
     need(q.num_samples >= 1, "[search] num_samples must be >= 1")
+    need(q.min_accuracy < 1.0, f"[search] min_accuracy must be < 1 (< 0: twice chance), got {q.min_accuracy}")
+    need(q.max_latency_ms > 0 and q.max_accuracy_drop >= 0, "[search] max_latency_ms must be > 0 and "
+         "max_accuracy_drop >= 0 (inf: no budget), e.g. max_latency_ms = 5.0, max_accuracy_drop = 0.01")
     need(q.register_models >= 0, "[search] register_models must be >= 0 (0 = register none)")
     need(0 < q.lr_min <= q.lr_max, f"[search] need 0 < lr_min <= lr_max, got {q.lr_min}, {q.lr_max}")
     need(0.0 <= q.ratio_min <= q.ratio_max < 1.0, "[search] need 0 <= ratio_min <= ratio_max < 1")
