@@ -196,6 +196,21 @@ def load(cfg: DataConfig) -> Splits:
     return Splits(_split(x_fit, y_fit), _split(x_val, y_val), _split(x_te, y_te), cfg.dataset)
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def class_names(cfg: DataConfig, num_classes: int = 10) -> list[str]:
+    """The names of the classes, by label: CIFAR-10's, an npz file's ``class_names`` array when it
+    has one, else the labels themselves ("0", "1", ...: the digits' names too)."""
+    if cfg.dataset == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if cfg.dataset == "npz" and Path(cfg.path).is_file():
+        with np.load(cfg.path) as f:
+            if "class_names" in f.files:
+                return [str(n) for n in f["class_names"]]
+    return [str(i) for i in range(num_classes)]
+
+
 # ----------------------------------------------------------------------------- batches
 
 

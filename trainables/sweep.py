@@ -70,6 +70,11 @@ COLUMNS = [
 ]
 
 
+def point_key(method: str, ratio: float) -> str:
+    """How a point's weights are filed (``names.DEPLOYABLE_FILE``): ``"channel_l1@0.3"``."""
+    return f"{method}@{float(ratio):g}"
+
+
 def table_to_json(df: pd.DataFrame) -> str:
     """The sweep table as a trial's final report carries it (under ``names.SWEEP_TABLE``):
     JSON records, one per point. Read it back with :func:`table_from_report`."""
@@ -204,7 +209,7 @@ class _Sweep:
             self._dense = out
         return before, out
 
-    def points(self, method: str, ratio: float) -> list[dict[str, Any]]:
+    def points(self, method: str, ratio: float, models_out: dict[str, nn.Module] | None = None) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"method": method, "ratio": ratio, "finetune_epochs": self.cfg.finetune_epochs}
         try:
             before, variants = self.variants(method, ratio)
@@ -213,6 +218,8 @@ class _Sweep:
             return [{**row, "int8": False, "runtime": self.cfg.runtime, "error": str(e)}]
         if self.cfg.finetune_epochs:
             row["accuracy_no_finetune"], row["test_accuracy_no_finetune"] = before
+        if models_out is not None:
+            models_out[point_key(method, ratio)] = variants[0].model
         return [self.describe(v, **row) for v in variants]
 
     def dense_latency(self) -> float:
@@ -232,12 +239,14 @@ def run_sweep(
     latency_cache: MutableMapping[str, dict[str, Any]] | None = None,
     progress: bool = True,
     on_point: Callable[[dict[str, Any]], None] | None = None,
+    models_out: dict[str, nn.Module] | None = None,
 ) -> pd.DataFrame:
     """Sweep ``cfg.methods`` x ``cfg.ratios`` (x INT8) over a trained dense ``model``.
 
     ``splits`` should be on the training device; evaluation stays there (INT8 models run on
     the CPU). ``train_cfg`` is the recipe used for fine-tuning (batch size, seed, ...).
-    Returns one row per point with the columns of :data:`COLUMNS`.
+    Returns one row per point with the columns of :data:`COLUMNS`. ``models_out`` receives each
+    point's shipped fp32 model under :func:`point_key` (fine-tuned, when ``finetune_epochs``).
     """
     for m in cfg.methods:  # fail before any work
         compress.check_method(m)
@@ -248,7 +257,7 @@ def run_sweep(
     with _progress(len(cfg.methods) * len(cfg.ratios) * (2 if cfg.int8 else 1), progress) as bar:
         for method in cfg.methods:
             for ratio in cfg.ratios:
-                for point in sweep.points(method, ratio):
+                for point in sweep.points(method, ratio, models_out):
                     rows.append(point)
                     if on_point is not None:
                         on_point(point)

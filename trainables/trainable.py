@@ -35,10 +35,10 @@ import torch
 from ray import tune
 
 from trainables.data import Splits
-from trainables.names import (CHECKPOINT_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN,
+from trainables.names import (CHECKPOINT_FILE, DEPLOYABLE_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN,
                               CheckpointMeta)
 from trainables.sweep import SweepConfig, run_sweep, table_to_json
-from trainables.checkpoint import load_checkpoint, model_from_checkpoint
+from trainables.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from trainables.train import DeviceError, Diverged, TrainConfig, fit
 
 LATENCY_CACHE = "prunetune_latency_cache"
@@ -116,19 +116,20 @@ def _resources(requested: str = "auto") -> tuple[int, torch.device]:
 
 
 def _sweep(model: torch.nn.Module, splits: Splits, cfg: SweepConfig, train_cfg: TrainConfig, cache: Any,
-           method: str, ratio: float, finetune_epochs: int) -> pd.DataFrame:
+           method: str, ratio: float, finetune_epochs: int, shipped: dict[str, torch.nn.Module]) -> pd.DataFrame:
     """The trial's points: the cheap no-retrain curve over the ``[sweep]`` grid, and the
     deployable ones: its own (method, ratio) pruned and fine-tuned with distillation from the
     trained weights, beside the dense model given the same epochs (the equal-compute
     reference), each in fp32 and, when ``[sweep] int8``, INT8. Without fine-tuning the
-    trial's own point is one more point of the curve."""
+    trial's own point is one more point of the curve. ``shipped`` receives the fine-tuned fp32
+    models (their weights exist nowhere else: registry and export load them from the checkpoint)."""
     if not finetune_epochs:
         grid = dataclasses.replace(cfg, ratios=sorted(set(cfg.ratios) | {ratio}))
         return run_sweep(model, splits, grid, train_cfg, latency_cache=cache, progress=False)
     curve = run_sweep(model, splits, cfg, train_cfg, latency_cache=cache, progress=False)
     deployable = dataclasses.replace(cfg, methods=[method], ratios=sorted({0.0, ratio}), finetune_epochs=finetune_epochs)
-    shipped = run_sweep(model, splits, deployable, train_cfg, latency_cache=cache, progress=False)
-    return pd.concat([curve, shipped], ignore_index=True)
+    points = run_sweep(model, splits, deployable, train_cfg, latency_cache=cache, progress=False, models_out=shipped)
+    return pd.concat([curve, points], ignore_index=True)
 
 
 def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]) -> None:
@@ -179,14 +180,21 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
         cache: Any = _SharedCache(ray.get_actor(LATENCY_CACHE))
     except ValueError:
         cache = {}
-    epochs = spec["search"]["finetune_epochs"]
-    df = _sweep(model.eval(), splits, sweep_cfg, train_cfg, cache, method, ratio, epochs)
+    epochs, shipped = spec["search"]["finetune_epochs"], {}
+    df = _sweep(model.eval(), splits, sweep_cfg, train_cfg, cache, method, ratio, epochs, shipped)
+    if shipped:  # next to the dense checkpoint, kept with it (the final report's checkpoint)
+        if not ckpt_path.is_file():  # trained before a restart: the dense weights came from the restored checkpoint
+            save_checkpoint(ckpt_path, resume)
+        torch.save({k: m.state_dict() for k, m in shipped.items()}, workdir / DEPLOYABLE_FILE)
     epochs = epochs or sweep_cfg.finetune_epochs  # without [search] fine-tuning the own point is on the curve
     own = df[(df.method == method) & (df.ratio == ratio) & (df.int8 == int8) & (df.finetune_epochs == epochs)]
     own = own.iloc[0].to_dict()
     own.pop("method"), own.pop("ratio"), own.pop("int8")
+    dense = df[(df.ratio == 0.0) & ~df.int8 & (df.finetune_epochs == epochs)]
+    own["dense_accuracy"] = float(dense.accuracy.max()) if len(dense) else None  # what an accuracy drop is against
     if device.type == "cuda":  # what the trial needed of its GPU share
         base["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
     tune.report({**base, **own, PHASE: DONE, "epoch": train_cfg.epochs, "val_accuracy": val_acc,
                  "method": method, "prune_ratio": ratio, "int8": int8, "trial_end": time.time(),
-                 SWEEP_TABLE: table_to_json(df)})
+                 SWEEP_TABLE: table_to_json(df)},
+                checkpoint=tune.Checkpoint.from_directory(str(workdir)) if shipped else None)

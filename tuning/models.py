@@ -1,30 +1,30 @@
-"""Compressed models from a search: re-derive, register the Pareto front, export.
+"""Compressed models from a search: re-derive a point, export it.
 
 A compressed model is never stored per sweep point. Each trial's MLflow run holds its dense
-checkpoint (artifact ``checkpoint/checkpoint.pt``); a point's model is re-derived from it with
-``(method, ratio, int8)`` deterministically (:func:`derive`). After a search the Pareto-optimal
-points are logged with MLflow's PyTorch flavour and registered under one registered model with
-the aliases ``best-accuracy``, ``fastest`` and ``knee``; ``prunetune export`` turns a run or a
-``models:/NAME@ALIAS`` into an ONNX or TorchScript file and checks it against PyTorch.
+checkpoint (artifact ``checkpoint/checkpoint.pt``) and, when the search fine-tunes, the
+fine-tuned fp32 weights of its deployable points (``checkpoint/deployable.pt``); a point's model
+is re-derived from them with ``(method, ratio, int8)`` deterministically (:func:`derive`, and
+:func:`runtime_model` for the runtime the search timed it in). ``prunetune export`` turns a run
+or a ``models:/NAME@ALIAS`` into a self-contained ONNX or TorchScript file (:mod:`tuning.deploy`)
+and checks it against the model it packs. :mod:`tuning.registry` registers the front.
 """
 from __future__ import annotations
 
+import dataclasses
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 
-from trainables import compress, data
-from trainables.names import CHECKPOINT_ARTIFACT, CheckpointMeta
+from trainables import compress, data, ort
+from trainables.names import CHECKPOINT_ARTIFACT, DEPLOYABLE_ARTIFACT, DEPLOYABLE_FILE, CheckpointMeta
+from trainables.sweep import point_key
 from trainables.checkpoint import load_checkpoint, model_from_checkpoint
-from tuning import pareto
-from tuning.pareto import Objective
+from tuning import deploy, selection
 from tuning.spec import Spec, from_dict
 
 
@@ -32,7 +32,6 @@ class ModelError(ValueError):
     """A run, model alias or export request that cannot be served; says why."""
 
 
-ALIASES = ("best-accuracy", "fastest", "knee")  # what pick() names; register_front sets them
 
 
 @dataclass
@@ -59,7 +58,7 @@ def resolve(uri: str, ref: str, method: str | None, ratio: float | None, int8: b
         if ref.startswith("models:/"):
             name, _, alias = ref.removeprefix("models:/").partition("@")
             if not alias:
-                raise ModelError(f"{ref}: use models:/NAME@ALIAS (aliases: {', '.join(ALIASES)})")
+                raise ModelError(f"{ref}: use models:/NAME@ALIAS (aliases: {', '.join(selection.ALIASES)})")
             tags = client.get_model_version_by_alias(name, alias).tags
             run_id = tags["trial_run_id"]
             defaults = {"method": tags["method"], "ratio": float(tags["ratio"]), "int8": tags["int8"] == "True"}
@@ -74,15 +73,21 @@ def resolve(uri: str, ref: str, method: str | None, ratio: float | None, int8: b
                  defaults["int8"] if int8 is None else int8)
 
 
-def dense_from_run(uri: str, run_id: str) -> tuple[nn.Module, Spec]:
-    """Download the trial's dense checkpoint and rebuild the model and its experiment spec."""
+def dense_from_run(uri: str, run_id: str) -> tuple[nn.Module, Spec, Path]:
+    """Download the trial's dense checkpoint (and its fine-tuned points' weights, when it has
+    them) and rebuild the model and its experiment spec; also returns the local checkpoint."""
     client = _client(uri)
+    where = tempfile.mkdtemp(prefix="prunetune-")
     try:
-        local = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tempfile.mkdtemp(prefix="prunetune-"))
+        local = Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, where))
     except Exception as e:
         raise ModelError(f"run {run_id} has no {CHECKPOINT_ARTIFACT} artifact (is it a completed prunetune "
                          f"trial run?): {str(e).splitlines()[0]}") from None
-    return dense_from_checkpoint(local)
+    try:
+        client.download_artifacts(run_id, DEPLOYABLE_ARTIFACT, where)
+    except Exception:  # a trial without fine-tuned points: export derives from the dense weights
+        pass
+    return (*dense_from_checkpoint(local), local)
 
 
 def dense_from_checkpoint(path: str | Path) -> tuple[nn.Module, Spec]:
@@ -104,9 +109,13 @@ def load_trained(path: str | Path) -> tuple[nn.Module, Spec, data.Splits]:
     return model.to(device), spec, data.load(spec.data).to(device)
 
 
-def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | None = None) -> nn.Module:
-    """The deployable model of ``point``: prune -> bake masks in -> INT8 (calibrated on the same
-    training images as the sweep). Any ratio in [0, 1) works, swept or not."""
+def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | None = None,
+           calibration: torch.Tensor | None = None, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The deployable model of ``point``: prune -> bake masks in -> (``weights``: the point's
+    fine-tuned fp32 weights, from its trial's :data:`~trainables.names.DEPLOYABLE_FILE`) -> INT8
+    (calibrated on the same training images as the sweep: ``calibration``, else the first of
+    ``splits``, loaded if not given). Without ``weights`` any ratio in [0, 1) works, swept or
+    not, with the dense checkpoint's weights (no fine-tuning)."""
     try:
         compress.check_method(point.method)
         compress.check_ratio(point.ratio)
@@ -114,111 +123,80 @@ def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | Non
         raise ModelError(str(e)) from None
     pruned = compress.prune(dense, point.method, point.ratio, seed=spec.sweep.seed, round_to=spec.sweep.round_to)
     model = compress.make_permanent(pruned).eval()
+    if weights is not None:
+        model.load_state_dict(weights)
     if point.int8:
-        splits = splits or data.load(spec.data)
-        model = compress.quantize_int8(model, data.normalize(splits.train.x[: spec.sweep.calibration_size]))
+        model = compress.quantize_int8(model, _calibration(spec, splits) if calibration is None else calibration)
     return model
 
 
-def export_point(uri: str, point: Point, fmt: str, out: str | Path) -> tuple[float, int]:
-    """Derive ``point`` from its trial's run and :func:`export` it; returns the top-1 agreement
-    and the number of held-out test images it was measured on."""
-    dense, spec = dense_from_run(uri, point.run_id)
+def runtime_model(dense: nn.Module, spec: Spec, point: Point, calibration: torch.Tensor,
+                  weights: dict[str, torch.Tensor] | None = None, runtime: str | None = None) -> nn.Module | ort.OrtModel:
+    """``point`` as ``runtime`` (default: the search's) runs it: a torch model (fp32 or FX INT8), or
+    an ONNX Runtime session (fp32, or ORT's own static INT8)."""
+    if (runtime or spec.sweep.runtime) == "torch":
+        return derive(dense, spec, point, calibration=calibration, weights=weights)
+    name = f"{point.method} at ratio {point.ratio:g}"
+    fp32 = derive(dense, spec, dataclasses.replace(point, int8=False), weights=weights)
+    onnx = ort.export(fp32, spec.sweep.latency_threads, name)
+    return ort.quantize(onnx, calibration, name) if point.int8 else onnx
+
+
+def fine_tuned_weights(checkpoint: str | Path, point: Point) -> dict[str, torch.Tensor] | None:
+    """The fine-tuned fp32 weights of ``point`` filed beside a trial's dense ``checkpoint``, or
+    None (a no-retrain point, a search without fine-tuning, a ratio that was not the trial's)."""
+    path = Path(checkpoint).with_name(DEPLOYABLE_FILE)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True).get(point_key(point.method, point.ratio))
+
+
+def _calibration(spec: Spec, splits: data.Splits | None) -> torch.Tensor:
+    return data.normalize((splits or data.load(spec.data)).train.x[: spec.sweep.calibration_size])
+
+
+def export_point(uri: str, point: Point, fmt: str, out: str | Path) -> tuple[float, int, bool]:
+    """Derive ``point`` from its trial's run and :func:`export` it. Returns the top-1 agreement of
+    the file with the model it packs, the number of held-out test images that was measured on,
+    and whether the point's fine-tuned weights were found (else: derived without fine-tuning)."""
+    dense, spec, checkpoint = dense_from_run(uri, point.run_id)
     splits = data.load(spec.data)
-    images = data.normalize(splits.test.x)
-    return export(derive(dense, spec, point, splits), fmt, out, images), len(images)
+    weights = fine_tuned_weights(checkpoint, point)
+    runtime = "onnxruntime" if fmt == "onnx" else "torch"  # ONNX INT8 is ORT's own quantization
+    model = runtime_model(dense, spec, point, _calibration(spec, splits), weights, runtime)
+    return export(model, fmt, out, splits.test), len(splits.test), weights is not None
+
+
+def export(model: nn.Module | ort.OrtModel, fmt: str, out: str | Path, test: data.Split) -> float:
+    """Write ``model`` self-contained (uint8 images in, :mod:`tuning.deploy`) as TorchScript (a
+    torch model) or ONNX (an :class:`~trainables.ort.OrtModel`; a torch fp32 model is exported
+    first), reload the file (``torch.jit.load`` / an ONNX Runtime session) and return the top-1
+    agreement of the file on the raw test images with ``model`` on normalised ones."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt not in ("onnx", "torchscript"):
+        raise ModelError(f"unknown format {fmt!r}; use onnx or torchscript")
+    if fmt == "onnx" and isinstance(model, nn.Module):
+        if compress.is_quantized(model):
+            raise ModelError("a torch INT8 model has no ONNX form: export the point with --format onnx (ORT's "
+                             "own INT8) or --format torchscript")
+        model = ort.export(model)
+    if fmt == "torchscript" and not isinstance(model, nn.Module):
+        raise ModelError("an ONNX Runtime model exports as --format onnx")
+    images, normalised = test.x.permute(0, 2, 3, 1).contiguous(), data.normalize(test.x)
+    with torch.inference_mode():
+        ref = _predict(lambda b: np.asarray(model(b)).argmax(1), normalised)
+    if fmt == "torchscript":
+        out.write_bytes(deploy.torchscript(model))
+        loaded = torch.jit.load(str(out)).eval()
+        with torch.inference_mode():
+            got = _predict(lambda b: loaded(b).argmax(1).numpy(), images)
+    else:
+        out.write_bytes(deploy.onnx_classifier(model.onnx_bytes))
+        session = ort.OrtModel(out.read_bytes(), name=str(out)).session
+        got = _predict(lambda b: session.run([deploy.LABEL], {deploy.IMAGES: b.numpy()})[0], images)
+    return float((ref == got).mean())
 
 
 def _predict(fn, x: torch.Tensor, batch: int = 256) -> np.ndarray:
     return np.concatenate([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
-def export(model: nn.Module, fmt: str, out: str | Path, images: torch.Tensor) -> float:
-    """Write ``model`` as ONNX or TorchScript to ``out``, reload it with ONNX Runtime /
-    torch.jit and return top-1 agreement with the PyTorch model on ``images`` (normalised)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    example = images[:1]
-    with torch.inference_mode():
-        ref = _predict(lambda b: model(b).argmax(1).numpy(), images)
-    if fmt == "torchscript":
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated": still the format asked for
-            torch.jit.trace(model, example).save(str(out))
-            loaded = torch.jit.load(str(out)).eval()
-        with torch.inference_mode():
-            got = _predict(lambda b: loaded(b).argmax(1).numpy(), images)
-    elif fmt == "onnx":
-        if compress.is_quantized(model):
-            raise ModelError("INT8 models export as --format torchscript (torch's FX INT8 kernels have no "
-                             "ONNX equivalent here); use --format torchscript or drop --int8")
-        import onnxruntime as ort
-
-        torch.onnx.export(model, (example,), str(out), input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        got = _predict(lambda b: session.run(None, {"image": b.numpy()})[0].argmax(1), images)
-    else:
-        raise ModelError(f"unknown format {fmt!r}; use onnx or torchscript")
-    return float((ref == got).mean())
-
-
-def pick(front: pd.DataFrame, objectives: list[Objective]) -> dict[str, Any]:
-    """Alias -> the front row (index label) it names: ``best-accuracy`` (best first objective),
-    ``fastest`` (best second objective) and ``knee`` (:func:`tuning.pareto.knee`)."""
-    (acc, acc_mode), (lat, lat_mode) = objectives[0], objectives[1]
-    return {
-        "best-accuracy": front[acc].idxmax() if acc_mode == "max" else front[acc].idxmin(),
-        "fastest": front[lat].idxmin() if lat_mode == "min" else front[lat].idxmax(),
-        "knee": pareto.knee(front, objectives),
-    }
-
-
-def register_front(uri: str, parent_run_id: str, front: pd.DataFrame, picks: dict[str, Any],
-                   checkpoints: dict[str, Path], trial_runs: dict[str, str], spec: Spec,
-                   splits: data.Splits | None = None) -> dict[str, int]:
-    """Log the Pareto-optimal models on the parent run and register them under ``spec.name``:
-    the ``picks`` (alias -> front row) first, always, then the rest of the front in order, up to
-    ``[search] register_models``; each alias is set on its version. ``checkpoints``: trial id ->
-    local dense checkpoint; ``trial_runs``: trial id -> its MLflow run; ``splits``: the search's
-    data (loaded if not given). Returns alias -> version."""
-    import mlflow
-
-    front = front.drop_duplicates(["trial_id", "method", "ratio", "int8"])
-    order = list(dict.fromkeys([*picks.values(), *front.index]))
-    order = order[:max(spec.search.register_models, len(set(picks.values())))]
-    splits = splits or data.load(spec.data)
-    example = data.normalize(splits.test.x[:2])
-    client = _client(uri)
-    mlflow.set_tracking_uri(uri)
-    versions: dict[Any, int] = {}
-    with mlflow.start_run(run_id=parent_run_id):
-        for i, idx in enumerate(order):
-            row = front.loc[idx]
-            point = Point(trial_runs.get(row.trial_id, ""), row.method, float(row.ratio), bool(row.int8))
-            dense = model_from_checkpoint(load_checkpoint(checkpoints[row.trial_id])).eval()
-            versions[idx] = _log_model(f"pareto-{i}", derive(dense, spec, point, splits), example, spec.name)
-            tags = {"method": row.method, "ratio": str(row.ratio), "int8": str(bool(row.int8)), "lr": str(row.lr),
-                    "trial_id": row.trial_id, "trial_run_id": point.run_id}
-            tags.update({k: str(row[k]) for k in ("accuracy", "test_accuracy", "latency_ms", "size_mb") if k in row})
-            for k, v in tags.items():
-                client.set_model_version_tag(spec.name, str(versions[idx]), k, v)
-    for alias, idx in picks.items():
-        client.set_registered_model_alias(spec.name, alias, str(versions[idx]))
-    return {alias: versions[idx] for alias, idx in picks.items()}
-
-
-def _log_model(name: str, model: nn.Module, example: torch.Tensor, registered_name: str) -> int:
-    """Log ``model`` on the active run with MLflow's PyTorch flavour (signature, input example)
-    and register it under ``registered_name``; returns the new version."""
-    import mlflow
-    from mlflow.models import infer_signature
-
-    with torch.inference_mode():
-        signature = infer_signature(example.numpy(), model(example).numpy())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        info = mlflow.pytorch.log_model(model, name=name, signature=signature, input_example=example.numpy(),
-                                        registered_model_name=registered_name, pip_requirements=["torch", "torchvision"],
-                                        await_registration_for=60)
-    return int(info.registered_model_version)

@@ -12,11 +12,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from trainables.names import FRONT_CSV, KIND_TAG, PARENT_TAG, SEARCH, SEARCH_DIR_TAG, TRIAL_ID_TAG
+from trainables.names import FRONT_CSV, KIND_TAG, PARENT_TAG, POINTS_CSV, SEARCH, SEARCH_DIR_TAG, TRIAL_ID_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -93,16 +94,35 @@ def latest_search(client: MlflowClient, experiment: str | None = None) -> Run:
     return found[0]
 
 
+@dataclass
+class FinishedSearch:
+    parent: Run  # the search's parent run (params, metrics)
+    name: str  # its experiment, and the registered model's name
+    points: pd.DataFrame  # all_points.csv: every point of every trial
+    front: pd.DataFrame  # pareto.csv
+
+
 def load_front(uri: str, experiment: str | None = None) -> tuple[Run, pd.DataFrame]:
     """The latest finished search's parent run and its Pareto front (``pareto.csv``), each
     point with the ``run_id`` of its trial's run (what ``prunetune export`` takes)."""
+    found = load_search(uri, experiment)
+    return found.parent, found.front
+
+
+def load_search(uri: str, experiment: str | None = None) -> FinishedSearch:
+    """The latest finished search: its parent run, every point and the front, each row with the
+    ``run_id`` of its trial's run."""
     client = check_reachable(uri)
     parent = latest_search(client, experiment)
-    local = client.download_artifacts(parent.info.run_id, FRONT_CSV, tempfile.mkdtemp(prefix="prunetune-"))
-    front = pd.read_csv(local, dtype={"trial_id": str})  # ids like "08088346" are not numbers
     children = child_runs(client, parent.info.experiment_id, parent.info.run_id)
-    front.insert(0, "run_id", front.trial_id.map({tid: r.info.run_id for tid, r in children.items()}))
-    return parent, front
+    run_of = {tid: r.info.run_id for tid, r in children.items()}
+    tables = []
+    for name in (POINTS_CSV, FRONT_CSV):
+        local = client.download_artifacts(parent.info.run_id, name, tempfile.mkdtemp(prefix="prunetune-"))
+        table = pd.read_csv(local, dtype={"trial_id": str})  # ids like "08088346" are not numbers
+        table.insert(0, "run_id", table.trial_id.map(run_of))
+        tables.append(table)
+    return FinishedSearch(parent, client.get_experiment(parent.info.experiment_id).name, *tables)
 
 
 def serve_ui(uri: str, host: str, port: int) -> int:

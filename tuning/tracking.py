@@ -32,13 +32,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from mlflow.entities import Metric, Param
 from ray.tune import Callback, Checkpoint, ResultGrid
 
-from trainables.names import (CHECKPOINT_DIR, CHECKPOINT_FILE, CURVE_METRICS, DIVERGED, DONE, EPOCH_METRICS,
-                              ERROR, ERROR_TAG, EXPERIMENT_JSON, HYPERVOLUME, KIND_TAG, PARENT_TAG, PHASE,
-                              POINT_METRICS, SEARCH, SEARCH_DIR_TAG, STATUS_TAG, SWEEP_CSV, TRAIN, TRIAL,
-                              TRIAL_ID_TAG)
+from trainables.names import (CHECKPOINT_DIR, CHECKPOINT_FILE, CURVE_METRICS, DEPLOYABLE_FILE, DIVERGED, DONE,
+                              EPOCH_METRICS, ERROR, ERROR_TAG, EXPERIMENT_JSON, EXPERIMENT_TAGS, HYPERVOLUME, KIND_TAG,
+                              PARENT_TAG, PHASE, POINT_METRICS, SEARCH, SEARCH_DIR_TAG, STATUS_TAG, SWEEP_CSV, TRAIN,
+                              TRIAL, TRIAL_ID_TAG)
 from trainables.sweep import table_from_report
 from tuning import runs
 
@@ -82,6 +83,8 @@ class MlflowTracking(Callback):
         name = spec_dict["name"]
         exp = self.client.get_experiment_by_name(name)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        for key, value in EXPERIMENT_TAGS.items():  # the UI opens on the runs, not on a GenAI overview
+            self.client.set_experiment_tag(self.experiment_id, key, value)
         self.parent_id = self._find_or_create_parent()
         self.runs: dict[str, str] = {}  # trial id -> run id
         self._refresh_runs()
@@ -134,8 +137,9 @@ class MlflowTracking(Callback):
         re-derived from it), and the run ends FINISHED (FAILED if it diverged)."""
         rid = self._child(trial_id, config)
         diverged = last_result.get(PHASE) == DIVERGED
-        if not diverged and checkpoint is not None and (Path(checkpoint.path) / CHECKPOINT_FILE).is_file():
-            self.client.log_artifact(rid, str(Path(checkpoint.path) / CHECKPOINT_FILE), CHECKPOINT_DIR)
+        for name in (CHECKPOINT_FILE, DEPLOYABLE_FILE) if not diverged and checkpoint is not None else ():
+            if (Path(checkpoint.path) / name).is_file():  # the fine-tuned points' weights, when the search fine-tunes
+                self.client.log_artifact(rid, str(Path(checkpoint.path) / name), CHECKPOINT_DIR)
         self._end(trial_id, rid, "FAILED" if diverged else "FINISHED")
 
     def fail_trial(self, trial_id: str, config: dict[str, Any]) -> None:
@@ -166,12 +170,16 @@ class MlflowTracking(Callback):
             done.append(trial_id)
         return done
 
-    def log_search(self, files: list[Path], hypervolume: float | None) -> None:
-        """The search's tables and plot as artifacts of the parent run, and the front's hypervolume."""
+    def log_search(self, files: list[Path], hypervolume: float | None, metrics: dict[str, float] | None = None) -> None:
+        """The search's tables and plot as artifacts of the parent run, the front's hypervolume and
+        ``metrics`` (the accuracy floor the front obeys, the dense reference)."""
         for f in files:
             self.client.log_artifact(self.parent_id, str(f))
         if hypervolume is not None:
             self.client.log_metric(self.parent_id, HYPERVOLUME, hypervolume)
+        for key, value in (metrics or {}).items():
+            if math.isfinite(value):
+                self.client.log_metric(self.parent_id, key, value)
 
     def end(self) -> None:
         """The search is over: its parent run ends FINISHED."""
@@ -219,11 +227,14 @@ class MlflowTracking(Callback):
         self.client.set_tag(rid, STATUS_TAG, DONE)
         metrics = [Metric(k, float(result[k]), ts, 0) for k in POINT_METRICS if result.get(k) is not None]
         sweep = table_from_report(result)
-        for (method, int8), rows in sweep.groupby(["method", "int8"]):
-            suffix = f"{method}{'_int8' if int8 else ''}"
+        if "finetune_epochs" not in sweep:
+            sweep["finetune_epochs"] = 0
+        for (method, int8, tuned), rows in sweep.groupby(["method", "int8", "finetune_epochs"]):
+            suffix = f"{method}{'_int8' if int8 else ''}{f'_ft{tuned}' if tuned else ''}"  # fine-tuned points apart
             for row in rows.itertuples():
                 step = int(round(row.ratio * 100))
-                metrics += [Metric(f"sweep_{m}/{suffix}", float(getattr(row, m)), ts, step) for m in CURVE_METRICS]
+                metrics += [Metric(f"sweep_{m}/{suffix}", float(getattr(row, m)), ts, step) for m in CURVE_METRICS
+                            if pd.notna(getattr(row, m))]
         self._log_metrics(rid, metrics)
         self.client.log_text(rid, sweep.to_csv(index=False), SWEEP_CSV)
 
