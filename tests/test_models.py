@@ -2,6 +2,7 @@
 from a dense checkpoint, registering the front, resolving a run or an alias, exporting."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -9,9 +10,9 @@ from mlflow import MlflowClient
 
 from trainables import compress, data
 from trainables.model import ARCH, cifar_resnet18
-from trainables.names import CHECKPOINT_ARTIFACT, CHECKPOINT_FILE, CheckpointMeta
+from trainables.names import CHECKPOINT_ARTIFACT, CHECKPOINT_FILE, DEPLOYABLE_FILE, CheckpointMeta
 from trainables.checkpoint import save_checkpoint
-from tuning import models
+from tuning import models, registry, selection
 from tuning.models import ModelError, Point
 from tuning.pareto import Objective
 from tuning.spec import from_dict
@@ -40,12 +41,6 @@ def checkpoint(tmp_path_factory, spec):
     return path
 
 
-def test_pick_names_the_best_the_fastest_and_the_knee():
-    front = pd.DataFrame({"accuracy": [0.9, 0.85, 0.5], "latency_ms": [10.0, 3.0, 1.0]}, index=[7, 8, 9])
-    assert models.pick(front, OBJECTIVES) == {"best-accuracy": 7, "fastest": 9, "knee": 8}
-    assert set(models.pick(front, OBJECTIVES)) == set(models.ALIASES)
-
-
 def test_dense_from_checkpoint_brings_back_its_spec(checkpoint, spec):
     model, again = models.dense_from_checkpoint(checkpoint)
     assert again.to_dict() == spec.to_dict() and not model.training
@@ -64,18 +59,38 @@ def test_derive_is_deterministic_and_checks_the_point(checkpoint, spec, splits):
         models.derive(dense, spec, Point("run", "global_l1", 1.0, False), splits)
 
 
-def test_export_checks_agreement_and_refuses_int8_onnx(checkpoint, spec, splits, tmp_path):
+def test_export_packs_the_model_with_its_preprocessing(checkpoint, spec, splits, tmp_path):
+    import onnxruntime as rt
+
     dense, _ = models.dense_from_checkpoint(checkpoint)
-    images = data.normalize(splits.test.x)
-    assert models.export(dense, "onnx", tmp_path / "m.onnx", images) == 1.0
+    assert models.export(dense, "onnx", tmp_path / "m.onnx", splits.test) == 1.0
+    session = rt.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    images = splits.test.x[:4].permute(0, 2, 3, 1).contiguous().numpy()  # uint8 NHWC, as decoded
+    label, probs = session.run(["label", "probabilities"], {"images": images})
+    with torch.inference_mode():
+        want = dense(data.normalize(splits.test.x[:4]))
+    assert list(label) == want.argmax(1).tolist() and np.allclose(probs.sum(1), 1.0, atol=1e-5)
     int8 = models.derive(dense, spec, Point("run", "global_l1", 0.0, True), splits)
-    with pytest.raises(ModelError, match="--format torchscript"):
-        models.export(int8, "onnx", tmp_path / "q.onnx", images)
+    assert models.export(int8, "torchscript", tmp_path / "q.pt", splits.test) == 1.0
+    assert torch.jit.load(str(tmp_path / "q.pt"))(torch.from_numpy(images)).shape == (4, 10)
+    with pytest.raises(ModelError, match="has no ONNX form"):
+        models.export(int8, "onnx", tmp_path / "q.onnx", splits.test)
+
+
+def _front_rows() -> pd.DataFrame:
+    return pd.DataFrame({"trial_id": ["t1", "t1"], "lr": [0.01, 0.01], "method": ["global_l1", "channel_l1"],
+                         "ratio": [0.0, 0.5], "int8": [False, False], "accuracy": [0.5, 0.3],
+                         "test_accuracy": [0.5, 0.3], "latency_ms": [9.0, 3.0], "latency_p90_ms": [9.5, 3.2],
+                         "latency_cv": [0.01, 0.02], "latency_source": ["quiet", "quiet"], "cpu": ["cpu", "cpu"],
+                         "threads": [1, 1], "size_mb": [40.0, 10.0], "macs": [5.5e8, 1.4e8],
+                         "nonzero_params": [11_000_000, 2_800_000], "sparsity": [0.0, 0.0], "finetune_epochs": [2, 2]})
 
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, checkpoint, spec, splits):
-    """The front of a (pretend) search registered in a SQLite store: two points of one trial."""
+    """The front of a (pretend) search registered in a SQLite store: two points of one trial, the
+    pruned one with fine-tuned weights filed beside the checkpoint (its fc zeroed: every image
+    then gets the label the bias favours)."""
     store = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{store}/mlflow.db"
     client = MlflowClient(uri)
@@ -84,34 +99,50 @@ def registered(tmp_path_factory, checkpoint, spec, splits):
     trial = client.create_run(exp, tags={"mlflow.parentRunId": parent})
     client.log_param(trial.info.run_id, "method", "channel_l1")
     client.log_param(trial.info.run_id, "prune_ratio", 0.5)
-    client.log_artifact(trial.info.run_id, str(checkpoint), "checkpoint")
-    front = pd.DataFrame({"trial_id": ["t1", "t1"], "lr": [0.01, 0.01], "method": ["global_l1", "channel_l1"],
-                          "ratio": [0.0, 0.5], "int8": [False, False], "accuracy": [0.5, 0.3],
-                          "test_accuracy": [0.5, 0.3], "latency_ms": [9.0, 3.0], "size_mb": [40.0, 10.0]})
-    aliases = models.register_front(uri, parent, front, models.pick(front, OBJECTIVES), {"t1": checkpoint},
-                                    {"t1": trial.info.run_id}, spec, splits)
+    dense, _ = models.dense_from_checkpoint(checkpoint)
+    tuned = models.derive(dense, spec, Point("", "channel_l1", 0.5, False))
+    torch.nn.init.zeros_(tuned.fc.weight)
+    with torch.no_grad():
+        tuned.fc.bias.copy_(torch.arange(10.0))  # label 9, whatever the image
+    torch.save({"channel_l1@0.5": tuned.state_dict()}, checkpoint.with_name(DEPLOYABLE_FILE))
+    for f in (checkpoint, checkpoint.with_name(DEPLOYABLE_FILE)):
+        client.log_artifact(trial.info.run_id, str(f), "checkpoint")
+    front = _front_rows()
+    picks = selection.pick(front, OBJECTIVES, selection.Rules(max_accuracy_drop=0.3), 0.5)
+    aliases = registry.register_front(uri, parent, front, picks, {"t1": checkpoint}, {"t1": trial.info.run_id},
+                                      spec, splits)
     return uri, trial.info.run_id, aliases
 
 
-def test_register_front_sets_the_aliases_and_tags(registered, spec):
+def test_register_front_sets_the_aliases_tags_and_card(registered, spec):
     uri, trial_run, aliases = registered
     client = MlflowClient(uri)
-    assert set(aliases) == set(models.ALIASES) and len(client.search_model_versions(f"name='{spec.name}'")) == 2
-    fastest = client.get_model_version_by_alias(spec.name, "fastest").tags
-    assert (fastest["method"], fastest["ratio"], fastest["trial_run_id"]) == ("channel_l1", "0.5", trial_run)
+    assert set(aliases) == set(selection.ALIASES) and len(client.search_model_versions(f"name='{spec.name}'")) == 2
+    fastest = client.get_model_version_by_alias(spec.name, "fastest")
+    assert (fastest.tags["method"], fastest.tags["ratio"], fastest.tags["trial_run_id"]) == ("channel_l1", "0.5",
+                                                                                           trial_run)
+    assert fastest.tags["latency_source"] == "quiet" and aliases["pick"] == aliases["fastest"]
     assert client.get_model_version_by_alias(spec.name, "best-accuracy").tags["method"] == "global_l1"
+    card = fastest.description
+    assert "channel_l1 at ratio 0.5" in card and "fine-tuned 2 epochs" in card and "3.000 ms" in card
+    assert "uint8 images" in card
 
 
-def test_resolve_a_run_or_an_alias(registered, spec):
-    uri, trial_run, _ = registered
-    assert models.resolve(uri, f"models:/{spec.name}@fastest", None, None, None) == Point(
-        trial_run, "channel_l1", 0.5, False)
-    assert models.resolve(uri, trial_run, None, 0.25, True) == Point(trial_run, "channel_l1", 0.25, True)
-    for ref in (f"models:/{spec.name}@nosuch", "0123456789abcdef"):
-        with pytest.raises(ModelError, match=f"{ref} not found"):
-            models.resolve(uri, ref, None, None, None)
-    with pytest.raises(ModelError, match="use models:/NAME@ALIAS"):
-        models.resolve(uri, f"models:/{spec.name}", None, None, None)
+def test_a_registered_model_takes_uint8_images_and_returns_labels(registered, spec, splits):
+    import mlflow
+
+    uri, _, aliases = registered
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{spec.name}@fastest")
+    images = splits.test.x[:3].permute(0, 2, 3, 1).contiguous().numpy()
+    out = model.predict(images)
+    assert list(out.columns[:2]) == ["label", "class"] and len(out.columns) == 12
+    assert list(out.label) == [9, 9, 9]  # the fine-tuned weights, not the dense checkpoint's
+    assert np.allclose(out.filter(like="prob_").sum(axis=1), 1.0, atol=1e-5)
+    with pytest.raises(Exception, match=r"expected shape \(-1, 32, 32, 3\)"):
+        model.predict(data.normalize(splits.test.x[:3]).numpy().astype(np.uint8))  # NCHW
+    reqs = mlflow.pyfunc.get_model_dependencies(f"models:/{spec.name}@fastest")
+    assert f"torch=={torch.__version__.split('+')[0]}" in open(reqs).read()
 
 
 def trial_run_experiment(uri: str) -> str:
@@ -120,7 +151,11 @@ def trial_run_experiment(uri: str) -> str:
 
 def test_export_point_rederives_from_the_trial_run(registered, tmp_path):
     uri, trial_run, _ = registered
-    agreement, n = models.export_point(uri, Point(trial_run, "channel_l1", 0.5, False), "onnx", tmp_path / "p.onnx")
-    assert agreement == 1.0 and n == 20 and (tmp_path / "p.onnx").stat().st_size > 0
+    agreement, n, tuned = models.export_point(uri, Point(trial_run, "channel_l1", 0.5, False), "onnx",
+                                              tmp_path / "p.onnx")
+    assert agreement == 1.0 and n == 20 and tuned and (tmp_path / "p.onnx").stat().st_size > 0
+    agreement, _, tuned = models.export_point(uri, Point(trial_run, "channel_l1", 0.37, True), "onnx",
+                                              tmp_path / "q.onnx")  # an unswept ratio, ORT INT8
+    assert agreement == 1.0 and not tuned
     with pytest.raises(ModelError, match=f"has no {CHECKPOINT_ARTIFACT} artifact"):
         models.dense_from_run(uri, MlflowClient(uri).create_run(trial_run_experiment(uri)).info.run_id)  # no checkpoint

@@ -110,15 +110,20 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     spec = spec_mod.load(args.file, args.set)
     jobs.leave_job_dir(spec.search.storage_path)  # in a submitted job: the file is read
-    res = search.search(spec, address=args.address, tracking_uri=args.tracking_uri)
-    return 0 if len(res.points) else 1
+    return _exit_code(search.search(spec, address=args.address, tracking_uri=args.tracking_uri))
+
+
+def _exit_code(res) -> int:
+    """0: a front, and a point within the budgets if there are any; 1: no completed trial, no
+    shippable point above the floor, or budgets no point meets (every result is kept all the same)."""
+    return 0 if len(res.front) and (not res.rules.budgeted or "pick" in res.aliases) else 1
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from tuning import search
 
     res, _ = search.resume(args.path, address=args.address)
-    return 0 if len(res.points) else 1
+    return _exit_code(res)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -142,18 +147,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_pareto(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from tuning import runs
+    from tuning import registry, runs
 
-    parent, front = runs.load_front(runs.tracking_uri(args.tracking_uri), args.experiment)
+    table, text, met = registry.answer(runs.tracking_uri(args.tracking_uri), args.experiment, args.max_latency_ms,
+                                       args.max_accuracy_drop)
     cols = ["run_id", "trial_id", "lr", "method", "ratio", "int8", "accuracy", "test_accuracy", "latency_ms",
-            "latency_p90_ms", "size_mb", "sparsity", "nonzero_params", "macs"]
-    front = front[[c for c in cols if c in front.columns]]
-    print(f"Pareto front of search {parent.info.run_name} (parent run {parent.info.run_id}), {len(front)} points:")
-    with pd.option_context("display.width", 220, "display.max_columns", 20, "display.precision", 4):
-        print(front.drop(columns=["trial_id"]).to_string(index=False))
+            "latency_p90_ms", "latency_cv", "latency_source", "size_mb", "sparsity", "nonzero_params", "macs",
+            "version", "aliases", "picked"]
+    table = table[[c for c in cols if c in table.columns]]
+    print(text.splitlines()[0])
+    with pd.option_context("display.width", 240, "display.max_columns", 24, "display.precision", 4):
+        print(table.drop(columns=["trial_id"]).to_string(index=False))
+    print("\n".join(text.splitlines()[1:]), flush=True)
     if args.json:
-        _print_json(json.loads(front.to_json(orient="records")))
-    return 0
+        _print_json(json.loads(table.to_json(orient="records")))
+    return 0 if met else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -164,8 +172,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     point = models.resolve(uri, args.ref, args.method, args.ratio, True if args.int8 else None)
     print(f"exporting {point.method} ratio {point.ratio:g}{' + int8' if point.int8 else ''} of trial run "
           f"{point.run_id} as {args.format} -> {args.output}", flush=True)
-    agreement, n = models.export_point(uri, point, args.format, args.output)
-    print(f"top-1 agreement with the PyTorch model: {agreement:.2%} on {n} held-out test images")
+    agreement, n, tuned = models.export_point(uri, point, args.format, args.output)
+    if not tuned:
+        print("note: no fine-tuned weights for this point in the trial's run: derived from the dense checkpoint "
+              "without fine-tuning", flush=True)
+    print(f"input: uint8 images, batch x 32 x 32 x 3 (normalisation inside); output: "
+          f"{'label and probabilities' if args.format == 'onnx' else 'class probabilities'}")
+    print(f"top-1 agreement with the model it packs: {agreement:.2%} on {n} held-out test images")
     if agreement < 0.999:
         print(f"prunetune export: error: agreement {agreement:.2%} is below 99.9%; {args.output} is kept for "
               "inspection but should not be deployed", file=sys.stderr)
@@ -246,15 +259,21 @@ def _add_search(sub) -> None:
 def _add_mlflow(sub) -> None:
     pa = sub.add_parser("pareto", help="print the Pareto front of the latest finished search from MLflow")
     pa.add_argument("--experiment", help="MLflow experiment (the experiment file's name); default: any")
-    pa.add_argument("--json", action="store_true", help="print a JSON array of the front's points last")
+    pa.add_argument("--max-latency-ms", type=float, help="latency budget (default: the search's [search] "
+                    "max_latency_ms); the fastest point within both budgets is picked")
+    pa.add_argument("--max-accuracy-drop", type=float, help="accuracy budget, 0-1 below the best equal-compute "
+                    "dense point (0.01 = one point; default: the search's)")
+    pa.add_argument("--json", action="store_true", help="print a JSON array of the front's points last (with "
+                    "version, aliases, picked)")
     pa.add_argument("--tracking-uri", help=_TRACKING_HELP)
     pa.set_defaults(func=cmd_pareto)
 
     ex = sub.add_parser("export", help="write a deployable ONNX / TorchScript file of a trial's compressed model")
-    ex.add_argument("ref", help="a trial's MLflow run id, or models:/NAME@ALIAS (best-accuracy, fastest, knee)")
+    ex.add_argument("ref", help="a trial's MLflow run id, or models:/NAME@ALIAS (best-accuracy, fastest, knee, pick)")
     ex.add_argument("--method", help="default: the trial's (or the registered version's) method")
     ex.add_argument("--ratio", type=float, help="any ratio in [0, 1), swept or not (re-derived)")
-    ex.add_argument("--int8", action="store_true", help="post-training INT8 on top (torchscript only)")
+    ex.add_argument("--int8", action="store_true", help="INT8 on top: ONNX Runtime static INT8 with --format onnx, "
+                    "torch FX INT8 with --format torchscript")
     ex.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     ex.add_argument("-o", "--output", required=True, help="output file")
     ex.add_argument("--tracking-uri", help=_TRACKING_HELP)

@@ -28,6 +28,7 @@ from tuning.pareto import Objective
 from tuning.spec import Spec
 
 Space = dict[str, optuna.distributions.BaseDistribution]
+_CONSTRAINTS_KEY = "constraints"  # where Optuna's samplers read a trial's constraint values (set by add_trial's callers)
 
 
 def optuna_space(spec: Spec) -> Space:
@@ -44,14 +45,40 @@ def optuna_space(spec: Spec) -> Space:
     return space
 
 
-def make_sampler(spec: Spec) -> optuna.samplers.BaseSampler:
-    """The ``[search] sampler``, seeded with ``[search] seed``."""
+class Budgets:
+    """Optuna's ``constraints_func`` for ``[search] max_latency_ms`` / ``max_accuracy_drop``: values
+    <= 0 are met. Optuna calls it while a result is being told, before the trial holds its values,
+    so the searcher hands it that result (:attr:`current`); the accuracy drop is against the best
+    equal-compute dense accuracy seen so far (each trial reports its own)."""
+
+    def __init__(self, max_latency_ms: float, max_accuracy_drop: float) -> None:
+        self.max_latency_ms, self.max_accuracy_drop = max_latency_ms, max_accuracy_drop
+        self.dense_accuracy = -math.inf
+        self.current: dict[str, Any] | None = None
+
+    def values(self, latency_ms: float, accuracy: float) -> tuple[float, float]:
+        lat = latency_ms - self.max_latency_ms if math.isfinite(self.max_latency_ms) else -1.0
+        drop = ((self.dense_accuracy - accuracy) - self.max_accuracy_drop
+                if math.isfinite(self.max_accuracy_drop) and math.isfinite(self.dense_accuracy) else -1.0)
+        return lat, drop
+
+    def __call__(self, trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
+        r = self.current
+        if not r or r.get("latency_ms") is None or r.get("accuracy") is None:
+            return 1.0, 1.0  # a pruned (diverged) trial meets nothing
+        return self.values(r["latency_ms"], r["accuracy"])
+
+
+def make_sampler(spec: Spec, budgets: Budgets | None = None) -> optuna.samplers.BaseSampler:
+    """The ``[search] sampler``, seeded with ``[search] seed``; TPE and NSGA-II steer into the
+    region that meets the ``budgets`` (random sampling ignores them)."""
     q = spec.search
     if q.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=q.seed, population_size=max(4, min(50, q.num_samples // 2)))
+        return optuna.samplers.NSGAIISampler(seed=q.seed, population_size=max(4, min(50, q.num_samples // 2)),
+                                             constraints_func=budgets)
     if q.sampler == "random":
         return optuna.samplers.RandomSampler(seed=q.seed)
-    return optuna.samplers.TPESampler(seed=q.seed, multivariate=True,
+    return optuna.samplers.TPESampler(seed=q.seed, multivariate=True, constraints_func=budgets,
                                       n_startup_trials=min(10, max(2, q.num_samples // 3)))
 
 
@@ -59,11 +86,12 @@ class SweepFeedbackSearch(OptunaSearch):
     """``OptunaSearch`` that also tells the study every sweep point of a completed trial."""
 
     def __init__(self, space: Space, objectives: list[Objective], sampler: optuna.samplers.BaseSampler,
-                 study_name: str, storage: optuna.storages.BaseStorage, feedback: bool = True) -> None:
+                 study_name: str, storage: optuna.storages.BaseStorage, feedback: bool = True,
+                 budgets: Budgets | None = None) -> None:
         metrics = [o.metric for o in objectives]
         super().__init__(space=space, metric=metrics, mode=[o.mode for o in objectives], sampler=sampler,
                          study_name=study_name, storage=storage)
-        self.space, self.metrics, self.feedback = space, metrics, feedback
+        self.space, self.metrics, self.feedback, self.budgets = space, metrics, feedback, budgets
         self.study = optuna.load_study(study_name=study_name, storage=storage)  # the one Ray just made
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -71,27 +99,39 @@ class SweepFeedbackSearch(OptunaSearch):
             # diverged or early-stopped: no objectives, so Optuna records it as pruned (Ray's
             # OptunaSearch would try to tell [None, None] as COMPLETE and leave it RUNNING)
             result = None
+        if self.budgets is not None:
+            if result and result.get("dense_accuracy") is not None:
+                self.budgets.dense_accuracy = max(self.budgets.dense_accuracy, result["dense_accuracy"])
+            self.budgets.current = result
         super().on_trial_complete(trial_id, result, error)
         table = table_from_report(result) if self.feedback and result else None
         if table is None:
             return
-        for params, values in sweep_evidence(table, result, self.space, self.metrics):
+        for params, values, row in sweep_evidence(table, result, self.space, self.metrics):
+            attrs = {}
+            if self.budgets is not None:
+                attrs[_CONSTRAINTS_KEY] = self.budgets.values(row["latency_ms"], row["accuracy"])
             self.study.add_trial(optuna.trial.create_trial(
                 params=params, distributions={k: self.space[k] for k in params}, values=values,
-                user_attrs={"source": "sweep", "ray_trial_id": trial_id},
+                user_attrs={"source": "sweep", "ray_trial_id": trial_id}, system_attrs=attrs,
             ))
 
 
 def sweep_evidence(table: pd.DataFrame, trial: dict[str, Any], space: Space,
-                   metrics: list[str]) -> list[tuple[dict, list[float]]]:
-    """(params, objective values) for every point of a trial's sweep ``table`` that the search
-    space can express, except the trial's own point (Tune already told the study that one).
-    ``trial``: its sampled ``lr``, ``method``, ``prune_ratio`` and ``int8``."""
+                   metrics: list[str]) -> list[tuple[dict, list[float], dict[str, Any]]]:
+    """(params, objective values, row) for every point of a trial's sweep ``table`` that the search
+    space can express and that measures what the trial's objective measures, except the trial's
+    own point (Tune already told the study that one). ``trial``: its sampled ``lr``, ``method``,
+    ``prune_ratio`` and ``int8``, and its point's ``finetune_epochs``: a trial's objective is its
+    fine-tuned point, so the study learns only from the points fine-tuned alike (the dense one
+    given the same epochs, the other INT8 variant), never from the no-retrain curve, whose
+    accuracy at a high ratio says little of what fine-tuning recovers there."""
     out = []
     own = (trial.get("method"), trial.get("prune_ratio"), bool(trial.get("int8", False)))
+    fidelity = trial.get("finetune_epochs", 0) or 0
     ratio_dist = space["prune_ratio"]
     for p in table.to_dict("records"):
-        if (p["method"], p["ratio"], bool(p["int8"])) == own:
+        if (p.get("finetune_epochs", 0) or 0) != fidelity or (p["method"], p["ratio"], bool(p["int8"])) == own:
             continue
         if ("method" not in space and p["method"] != own[0]) or ("int8" not in space and p["int8"]):
             continue
@@ -102,15 +142,19 @@ def sweep_evidence(table: pd.DataFrame, trial: dict[str, Any], space: Space,
             continue
         params = {"lr": trial["lr"], "prune_ratio": p["ratio"]}
         params.update({k: p[k] for k in ("method", "int8") if k in space})
-        out.append((params, values))
+        out.append((params, values, p))
     return out
 
 
 def make_searcher(spec: Spec, exp_dir: Path) -> SweepFeedbackSearch:
     """The searcher of a new search, its study in ``exp_dir``."""
+    q = spec.search
     storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / STUDY_FILE}")
-    return SweepFeedbackSearch(optuna_space(spec), spec.search.objectives, make_sampler(spec), study_name=spec.name,
-                               storage=storage, feedback=spec.search.sweep_feedback)
+    budgets = Budgets(q.max_latency_ms, q.max_accuracy_drop)
+    if not (math.isfinite(q.max_latency_ms) or math.isfinite(q.max_accuracy_drop)):
+        budgets = None
+    return SweepFeedbackSearch(optuna_space(spec), q.objectives, make_sampler(spec, budgets), study_name=spec.name,
+                               storage=storage, feedback=q.sweep_feedback, budgets=budgets)
 
 
 def tune_search(spec: Spec, exp_dir: Path) -> tuple[dict[str, Any], SweepFeedbackSearch | None, int]:
