@@ -318,3 +318,97 @@ def test_searcher_tells_optuna_a_trial_without_objectives_as_pruned(tmp_path):
     searcher.on_trial_complete("t1", {"phase": "diverged", "epoch": 1, "lr": config["lr"]})
     (trial,) = study_trials(exp_dir)
     assert trial.state == optuna.trial.TrialState.PRUNED
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_the_labels_pytorch_predicts(gpu_search, tmp_path):
+    """`mlflow models serve` of the registered knee as a real process: raw uint8 test images in,
+    the labels its PyTorch model predicts out; a wrong shape is refused naming the expected one."""
+    import urllib.request
+
+    import mlflow
+    import torch
+
+    from servers import free_port, wait_for
+    from trainables import data
+    from tuning import models
+
+    res, uri = gpu_search
+    port = free_port()
+    bin_dir = Path(sys.executable).parent  # uvicorn and mlflow live beside this python (README says so)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", "models:/tiny@knee", "--env-manager",
+                             "local", "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def post(body: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=3).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, "mlflow models serve", 180, log)
+        spec = from_dict(json.loads((res.path / search.SPEC_FILE).read_text()))
+        test = data.load(spec.data).test
+        images = test.x[:8].permute(0, 2, 3, 1).contiguous().numpy()  # uint8, 8 x 32 x 32 x 3, as decoded
+        status, out = post({"inputs": images.tolist()})
+        assert status == 200, out
+        got = [p["label"] for p in out["predictions"]]
+        # the same point through PyTorch: its fine-tuned weights, re-derived from the trial's files
+        version = mlflow.MlflowClient(uri).get_model_version_by_alias("tiny", "knee").tags
+        row = res.front[(res.front.trial_id == version["trial_id"]) & (res.front.method == version["method"])
+                        & (res.front.ratio == float(version["ratio"]))].iloc[0]
+        point = models.Point("", row.method, float(row.ratio), bool(row.int8))
+        ckpt = res.checkpoints()[row.trial_id]
+        dense, _ = models.dense_from_checkpoint(ckpt)
+        model = models.derive(dense, spec, point, weights=models.fine_tuned_weights(ckpt, point))
+        with torch.inference_mode():
+            assert got == model(data.normalize(test.x[:8])).argmax(1).tolist()
+        status, out = post({"inputs": test.x[:2].numpy().tolist()})  # channels first (N x 3 x 32 x 32)
+        assert status == 400 and "expected shape (-1, 32, 32, 3)" in out["message"], out
+        normalised = data.normalize(test.x[:2]).permute(0, 2, 3, 1).numpy()  # floats around 0, not pixels
+        status, out = post({"inputs": normalised.tolist()})
+        assert status == 400 and "uint8" in out["message"], out
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_search_timed_in_onnxruntime_ships_onnx_models(tmp_path):
+    """runtime = "onnxruntime": every point measured in an ORT session (INT8 by ORT's own
+    quantization), the front re-measured there, the registry holding ONNX-flavoured models that
+    take uint8 images and answer labels and probabilities."""
+    import mlflow
+    import ray
+
+    from trainables import data
+
+    d = tiny_spec(tmp_path, num_samples=2, register_models=2)
+    d["sweep"].update(runtime="onnxruntime", int8=True, methods=["channel_l1"])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        res = search.search(from_dict(d), tracking_uri=uri)
+    finally:
+        ray.shutdown()
+    assert (res.points.runtime == "onnxruntime").all() and res.points.error.isna().all()
+    assert len(res.front) >= 1 and (res.front.latency_source == "quiet").all()
+    assert res.points.arch.str.endswith(("/onnxruntime", "/onnxruntime-int8")).all()
+    mlflow.set_tracking_uri(uri)
+    assert "onnx" in mlflow.models.get_model_info("models:/tiny@pick").flavors
+    images = data.load(from_dict(d).data).test.x[:4].permute(0, 2, 3, 1).contiguous().numpy()
+    out = mlflow.pyfunc.load_model("models:/tiny@pick").predict(images)
+    assert out["label"].shape == (4,) and out["probabilities"].shape == (4, 10)
+    assert abs(float(out["probabilities"].sum()) - 4.0) < 1e-3

@@ -51,8 +51,10 @@ def test_mlflow_ui_lists_parent_and_child_runs(mlflow_server, tmp_path):
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        # the experiment's "Training runs" tab (MLflow 3 opens on an overview otherwise)
-        page.goto(f"{mlflow_server}/#/experiments/{exp.experiment_id}/runs", wait_until="load", timeout=90_000)
+        # the experiment's own address: tagged as model development, it opens on its runs (MLflow 3
+        # shows a GenAI overview otherwise), so the search's parent run is there without a click
+        assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+        page.goto(f"{mlflow_server}/#/experiments/{exp.experiment_id}", wait_until="load", timeout=90_000)
         page.get_by_text(parent.info.run_name).first.wait_for(timeout=60_000)
         # child runs are nested under the parent, collapsed: expand it from its run-name cell
         page.locator("button[data-component-id*='runnamecellrenderer']").first.click()

@@ -87,11 +87,11 @@ class SweepFeedbackSearch(OptunaSearch):
 
     def __init__(self, space: Space, objectives: list[Objective], sampler: optuna.samplers.BaseSampler,
                  study_name: str, storage: optuna.storages.BaseStorage, feedback: bool = True,
-                 budgets: Budgets | None = None) -> None:
+                 budgets: Budgets | None = None, curve: bool = False) -> None:
         metrics = [o.metric for o in objectives]
         super().__init__(space=space, metric=metrics, mode=[o.mode for o in objectives], sampler=sampler,
                          study_name=study_name, storage=storage)
-        self.space, self.metrics, self.feedback, self.budgets = space, metrics, feedback, budgets
+        self.space, self.metrics, self.feedback, self.budgets, self.curve = space, metrics, feedback, budgets, curve
         self.study = optuna.load_study(study_name=study_name, storage=storage)  # the one Ray just made
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -107,7 +107,7 @@ class SweepFeedbackSearch(OptunaSearch):
         table = table_from_report(result) if self.feedback and result else None
         if table is None:
             return
-        for params, values, row in sweep_evidence(table, result, self.space, self.metrics):
+        for params, values, row in sweep_evidence(table, result, self.space, self.metrics, self.curve):
             attrs = {}
             if self.budgets is not None:
                 attrs[_CONSTRAINTS_KEY] = self.budgets.values(row["latency_ms"], row["accuracy"])
@@ -117,21 +117,22 @@ class SweepFeedbackSearch(OptunaSearch):
             ))
 
 
-def sweep_evidence(table: pd.DataFrame, trial: dict[str, Any], space: Space,
-                   metrics: list[str]) -> list[tuple[dict, list[float], dict[str, Any]]]:
+def sweep_evidence(table: pd.DataFrame, trial: dict[str, Any], space: Space, metrics: list[str],
+                   curve: bool = False) -> list[tuple[dict, list[float], dict[str, Any]]]:
     """(params, objective values, row) for every point of a trial's sweep ``table`` that the search
     space can express and that measures what the trial's objective measures, except the trial's
     own point (Tune already told the study that one). ``trial``: its sampled ``lr``, ``method``,
     ``prune_ratio`` and ``int8``, and its point's ``finetune_epochs``: a trial's objective is its
     fine-tuned point, so the study learns only from the points fine-tuned alike (the dense one
     given the same epochs, the other INT8 variant), never from the no-retrain curve, whose
-    accuracy at a high ratio says little of what fine-tuning recovers there."""
+    accuracy at a high ratio says little of what fine-tuning recovers there. ``curve``: take the
+    curve too, as if fine-tuned (``[search] feedback_curve``; see ``experiments/bench_search.py``)."""
     out = []
     own = (trial.get("method"), trial.get("prune_ratio"), bool(trial.get("int8", False)))
     fidelity = trial.get("finetune_epochs", 0) or 0
     ratio_dist = space["prune_ratio"]
     for p in table.to_dict("records"):
-        if (p.get("finetune_epochs", 0) or 0) != fidelity or (p["method"], p["ratio"], bool(p["int8"])) == own:
+        if (p["method"], p["ratio"], bool(p["int8"])) == own or not (curve or (p.get("finetune_epochs", 0) or 0) == fidelity):
             continue
         if ("method" not in space and p["method"] != own[0]) or ("int8" not in space and p["int8"]):
             continue
@@ -154,7 +155,7 @@ def make_searcher(spec: Spec, exp_dir: Path) -> SweepFeedbackSearch:
     if not (math.isfinite(q.max_latency_ms) or math.isfinite(q.max_accuracy_drop)):
         budgets = None
     return SweepFeedbackSearch(optuna_space(spec), q.objectives, make_sampler(spec, budgets), study_name=spec.name,
-                               storage=storage, feedback=q.sweep_feedback, budgets=budgets)
+                               storage=storage, feedback=q.sweep_feedback, budgets=budgets, curve=q.feedback_curve)
 
 
 def tune_search(spec: Spec, exp_dir: Path) -> tuple[dict[str, Any], SweepFeedbackSearch | None, int]:

@@ -50,7 +50,8 @@ class SearchConfig:
     grid_lrs: list[float] = field(default_factory=list)
     seed: int = 0
     finetune_epochs: int = 2  # the trial's own point: pruned, then fine-tuned (distilled) this many epochs; 0 = off
-    sweep_feedback: bool = True  # every sweep point becomes a completed Optuna trial
+    sweep_feedback: bool = True  # sweep points a trial measured like its objective become completed Optuna trials
+    feedback_curve: bool = False  # also the no-retrain curve, told as if fine-tuned (more evidence early, biased)
     asha: bool = False  # early-stop trials on val_accuracy during training
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0  # fractional: 0.25 -> four trials share a GPU
