@@ -1,3 +1,5 @@
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,28 @@ def test_parse_ratios():
     for bad in ("a:b", "0:0.8:0", "0,x"):
         with pytest.raises(SpecError, match="use start:stop:step"):
             spec_mod.parse_ratios(bad)
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("search", "max_latency_ms", "0", "max_latency_ms must be > 0"),
+    ("search", "max_accuracy_drop", "-0.1", "max_accuracy_drop >= 0 (inf: no budget)"),
+    ("search", "min_accuracy", "1.5", "min_accuracy must be < 1"),
+    ("search", "finetune_epochs", "-1", "finetune_epochs must be >= 0"),
+    ("sweep", "distill_weight", "1.5", "distill_weight must be in [0, 1]"),
+    ("sweep", "round_to", "0", "round_to must be >= 1"),
+    ("sweep", "runtime", "tensorrt", "runtime must be one of 'torch', 'onnxruntime'"),
+])
+def test_new_keys_are_checked(tmp_path, section, key, value, message):
+    f = tmp_path / "e.toml"
+    f.write_text("")
+    with pytest.raises(SpecError, match=re.escape(message)):
+        spec_mod.load(f, [f"{section}.{key}={value}"])
+
+
+def test_budgets_default_to_none_and_take_inf(tmp_path):
+    f = tmp_path / "e.toml"
+    f.write_text("[search]\nmax_latency_ms = 4.5\nmax_accuracy_drop = inf\n")
+    q = spec_mod.load(f).search
+    assert q.max_latency_ms == 4.5 and math.isinf(q.max_accuracy_drop) and q.min_accuracy < 0  # floor: twice chance
+    with pytest.raises(SpecError, match="int8_mode = 'qat' makes torch INT8 models"):
+        spec_mod.load(f, ["sweep.runtime=onnxruntime", "sweep.int8_mode=qat"])

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from trainables.names import CHECKPOINT_FILE, CheckpointMeta
 from tuning import spec as spec_mod
@@ -73,18 +73,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tuning.models import load_trained
 
     model, spec, splits = load_trained(args.checkpoint)
-    given: dict[str, Any] = {}
-    if args.methods:
-        given["sweep.methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.ratios:
-        given["sweep.ratios"] = spec_mod.parse_ratios(args.ratios)
-    if args.int8:
-        given["sweep.int8"] = True
-    if args.no_distill:
-        given["sweep.distill"] = False
-    for key in ("finetune_epochs", "eval_size", "int8_mode", "runtime"):
-        if getattr(args, key) is not None:
-            given[f"sweep.{key}"] = getattr(args, key)
+    options = {"methods": args.methods and [m.strip() for m in args.methods.split(",") if m.strip()],
+               "ratios": args.ratios and spec_mod.parse_ratios(args.ratios), "int8": args.int8 or None,
+               "distill": False if args.no_distill else None, "finetune_epochs": args.finetune_epochs,
+               "eval_size": args.eval_size, "int8_mode": args.int8_mode, "runtime": args.runtime}
+    given = {f"sweep.{k}": v for k, v in options.items() if v is not None and v != ""}
     spec = spec_mod.replace(spec, given, source="prunetune sweep options")  # same checks as a file
     cfg = spec.sweep
     print(f"sweeping {args.checkpoint}: methods {', '.join(cfg.methods)}; ratios {cfg.ratios}; "
@@ -145,20 +138,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from tuning import registry, runs
 
     table, text, met = registry.answer(runs.tracking_uri(args.tracking_uri), args.experiment, args.max_latency_ms,
                                        args.max_accuracy_drop)
-    cols = ["run_id", "trial_id", "lr", "method", "ratio", "int8", "accuracy", "test_accuracy", "latency_ms",
-            "latency_p90_ms", "latency_cv", "latency_source", "size_mb", "sparsity", "nonzero_params", "macs",
-            "version", "aliases", "picked"]
-    table = table[[c for c in cols if c in table.columns]]
-    print(text.splitlines()[0])
-    with pd.option_context("display.width", 240, "display.max_columns", 24, "display.precision", 4):
-        print(table.drop(columns=["trial_id"]).to_string(index=False))
-    print("\n".join(text.splitlines()[1:]), flush=True)
+    print(text, flush=True)
     if args.json:
         _print_json(json.loads(table.to_json(orient="records")))
     return 0 if met else 1

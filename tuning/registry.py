@@ -23,6 +23,9 @@ from tuning import deploy, models, runs, selection
 from tuning.models import Point
 from tuning.spec import Spec
 
+_PARETO_COLUMNS = ("run_id", "lr", "method", "ratio", "int8", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms",
+                   "latency_cv", "latency_source", "size_mb", "sparsity", "nonzero_params", "macs", "version",
+                   "aliases", "picked")
 _TAGS = ("accuracy", "test_accuracy", "accuracy_no_finetune", "latency_ms", "latency_p90_ms", "latency_cv",
          "latency_source", "size_mb", "finetune_epochs")
 
@@ -139,8 +142,11 @@ def answer(uri: str, experiment: str | None, max_latency_ms: float | None,
     table = annotate(found.front, versions(uri, found.name, found.parent.info.run_id))
     chosen = selection.fastest_feasible(table, rules, dense) if len(table) else None
     table["picked"] = table.index == chosen
+    cols = [c for c in _PARETO_COLUMNS if c in table.columns]
+    with pd.option_context("display.width", 240, "display.max_columns", 24, "display.precision", 4):
+        shown = table[cols].to_string(index=False)
     lines = [f"Pareto front of search {found.parent.info.run_name} (parent run {found.parent.info.run_id}), "
-             f"{len(table)} points; {rules.describe()}; best equal-compute dense accuracy {dense:.4f}:"]
+             f"{len(table)} points; {rules.describe()}; best equal-compute dense accuracy {dense:.4f}:", shown]
     if chosen is None:
         lines.append(selection.closest(selection.candidates(found.points, rules), rules, dense))
     else:
@@ -150,4 +156,4 @@ def answer(uri: str, experiment: str | None, max_latency_ms: float | None,
                  f"{' --int8' if row.int8 else ''} --format onnx -o model.onnx` derives it")
         lines.append(f"pick: trial {row.trial_id} {row.method} ratio {row.ratio:g}{' int8' if row.int8 else ''}, "
                      f"accuracy {row.accuracy:.4f}, {row.latency_ms:.3f} ms; {where}")
-    return table, "\n".join(lines), chosen is not None
+    return table[[c for c in ["trial_id", *_PARETO_COLUMNS] if c in table.columns]], "\n".join(lines), chosen is not None

@@ -24,13 +24,17 @@ from trainables import data
 from trainables.names import ACCURACY_FLOOR, DENSE_ACCURACY, SPEC_FILE, TRACKING_FILE
 from tuning import cluster, quiet, registry, results, runs, selection, tracking, tuner
 from tuning.results import SearchResult
-from tuning.spec import Spec, from_dict
+from tuning.spec import Spec, SpecError, from_dict
 
 __all__ = ["SearchResult", "search", "resume"]
 
 
 def search(spec: Spec, address: str | None = None, tracking_uri: str | None = None) -> SearchResult:
     """Run a new search; its directory is ``storage_path/<name>-<time>``."""
+    if spec.sweep.int8 and spec.sweep.int8_mode == "qat" and spec.search.finetune_epochs:
+        raise SpecError(f"{spec.source}: [sweep] int8_mode = 'qat' is for `prunetune sweep`: a search keeps its "
+                        "fine-tuned points' fp32 weights and re-derives their INT8 by calibration (ptq) when it "
+                        "registers or exports them; use int8_mode = 'ptq'")
     cluster.check_address(address)  # before anything is created
     uri = runs.tracking_uri(tracking_uri)
     runs.check_reachable(uri)  # before any training starts
