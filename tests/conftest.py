@@ -101,7 +101,8 @@ output_dir = "{tmp_path / 'runs'}"
 
 def write_spec(path: Path, storage: Path, num_samples: int, epochs: int, train_size: int = 60,
                register_models: int = 0) -> Path:
-    """A tiny search experiment file (digits, global L1 at 0 and 0.5); its name is the file stem."""
+    """A tiny search experiment file (digits, global L1 at 0 and 0.5, no fine-tuning, no accuracy
+    floor: a 1-epoch model on 45 images is near chance); its name is the file stem."""
     path.write_text(f"""name = "{path.stem}"
 [data]
 train_size = {train_size}
@@ -124,5 +125,7 @@ lr_max = 0.005
 cpus_per_trial = 1.0
 storage_path = "{storage}"
 register_models = {register_models}
+finetune_epochs = 0
+min_accuracy = 0.0
 """)
     return path
