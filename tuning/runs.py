@@ -105,8 +105,9 @@ class FinishedSearch:
 def load_front(uri: str, experiment: str | None = None) -> tuple[Run, pd.DataFrame]:
     """The latest finished search's parent run and its Pareto front (``pareto.csv``), each
     point with the ``run_id`` of its trial's run (what ``prunetune export`` takes)."""
-    found = load_search(uri, experiment)
-    return found.parent, found.front
+    client = check_reachable(uri)
+    parent = latest_search(client, experiment)
+    return parent, _table(client, parent, FRONT_CSV)
 
 
 def load_search(uri: str, experiment: str | None = None) -> FinishedSearch:
@@ -114,15 +115,17 @@ def load_search(uri: str, experiment: str | None = None) -> FinishedSearch:
     ``run_id`` of its trial's run."""
     client = check_reachable(uri)
     parent = latest_search(client, experiment)
+    points, front = (_table(client, parent, name) for name in (POINTS_CSV, FRONT_CSV))
+    return FinishedSearch(parent, client.get_experiment(parent.info.experiment_id).name, points, front)
+
+
+def _table(client: MlflowClient, parent: Run, name: str) -> pd.DataFrame:
+    """A table the search logged on its parent run, each row with its trial's ``run_id``."""
     children = child_runs(client, parent.info.experiment_id, parent.info.run_id)
-    run_of = {tid: r.info.run_id for tid, r in children.items()}
-    tables = []
-    for name in (POINTS_CSV, FRONT_CSV):
-        local = client.download_artifacts(parent.info.run_id, name, tempfile.mkdtemp(prefix="prunetune-"))
-        table = pd.read_csv(local, dtype={"trial_id": str})  # ids like "08088346" are not numbers
-        table.insert(0, "run_id", table.trial_id.map(run_of))
-        tables.append(table)
-    return FinishedSearch(parent, client.get_experiment(parent.info.experiment_id).name, *tables)
+    local = client.download_artifacts(parent.info.run_id, name, tempfile.mkdtemp(prefix="prunetune-"))
+    table = pd.read_csv(local, dtype={"trial_id": str})  # ids like "08088346" are not numbers
+    table.insert(0, "run_id", table.trial_id.map({tid: r.info.run_id for tid, r in children.items()}))
+    return table
 
 
 def serve_ui(uri: str, host: str, port: int) -> int:

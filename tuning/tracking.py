@@ -227,9 +227,8 @@ class MlflowTracking(Callback):
         self.client.set_tag(rid, STATUS_TAG, DONE)
         metrics = [Metric(k, float(result[k]), ts, 0) for k in POINT_METRICS if result.get(k) is not None]
         sweep = table_from_report(result)
-        if "finetune_epochs" not in sweep:
-            sweep["finetune_epochs"] = 0
-        for (method, int8, tuned), rows in sweep.groupby(["method", "int8", "finetune_epochs"]):
+        keyed = sweep if "finetune_epochs" in sweep else sweep.assign(finetune_epochs=0)
+        for (method, int8, tuned), rows in keyed.groupby(["method", "int8", "finetune_epochs"]):
             suffix = f"{method}{'_int8' if int8 else ''}{f'_ft{tuned}' if tuned else ''}"  # fine-tuned points apart
             for row in rows.itertuples():
                 step = int(round(row.ratio * 100))
