@@ -64,6 +64,17 @@ def write_cifar_fixture(root: Path, n_per_batch: int = 20, n_test: int = 30, see
     return first
 
 
+@pytest.fixture(scope="session")
+def auth_mlflow(tmp_path_factory):
+    """One `mlflow server` with basic authentication for the session (its tests share it: a
+    server start costs ~15 s): ``.url``, ``.credentials`` (the client's environment), ``.log``."""
+    from servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-auth"), auth=True).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run on one thread: avoids OpenMP oversubscription when other jobs share the cores."""
