@@ -110,9 +110,10 @@ output_dir = "{tmp_path / 'runs'}"
     return p
 
 
-def write_spec(path: Path, storage: Path, num_samples: int, epochs: int, train_size: int = 60,
+def write_spec(path: Path, storage: Path | None, num_samples: int, epochs: int, train_size: int = 60,
                register_models: int = 0) -> Path:
-    """A tiny search experiment file (digits, global L1 at 0 and 0.5); its name is the file stem."""
+    """A tiny search experiment file (digits, global L1 at 0 and 0.5); its name is the file stem;
+    ``storage`` None leaves ``[search] storage_path`` out."""
     path.write_text(f"""name = "{path.stem}"
 [data]
 train_size = {train_size}
@@ -133,7 +134,6 @@ num_samples = {num_samples}
 lr_min = 0.0005
 lr_max = 0.005
 cpus_per_trial = 1.0
-storage_path = "{storage}"
 register_models = {register_models}
-""")
+""" + (f'storage_path = "{storage}"\n' if storage is not None else ""))
     return path

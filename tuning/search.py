@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from trainables import data
 from trainables.names import SPEC_FILE, TRACKING_FILE
-from tuning import cluster, models, results, runs, tracking, tuner
+from tuning import cluster, jobs, models, results, runs, tracking, tuner
 from tuning.results import SearchResult
 from tuning.spec import Spec, from_dict
 
@@ -98,7 +97,7 @@ def _register(tracker: tracking.MlflowTracking, res: SearchResult, grid, spec: S
 
 def _new_experiment_dir(spec: Spec, uri: str) -> Path:
     """``storage_path/<name>-<time>`` with the spec and the tracking URI that resume reads back."""
-    exp_dir = Path(spec.search.storage_path) / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_dir = jobs.experiment_dir(spec.search.storage_path, spec.name)
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
     (exp_dir / TRACKING_FILE).write_text(uri)
