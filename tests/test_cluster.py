@@ -2,8 +2,9 @@
 + `ray start --address`), an `mlflow server` with a SQL backend, real processes killed:
 
 - `prunetune submit` runs a search as a Ray Job on the head, trials on both nodes, its results in
-  the durable default on the head (no storage path anywhere); the job's working directory
-  deleted, the printed `prunetune resume` command (a job as well) finds the results;
+  the durable default on the head (no storage path anywhere), its MLflow credentials from
+  submit's environment only (an authenticated server), in no log line; the job's working
+  directory deleted, the printed `prunetune resume` command (a job as well) finds the results;
 - `prunetune search --address ray://...` attaches a driver through Ray Client;
 - a worker node killed mid-trial: the trial continues from its epoch checkpoint on the other
   node, the search finishes every trial, MLflow has one child run per trial;
@@ -63,10 +64,10 @@ def reports(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
 
 
-def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, mlflow, tmp_path):
+def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, auth_mlflow, tmp_path, monkeypatch):
     spec = write_spec(tmp_path / "submitted.toml", None, num_samples=2, epochs=1)
-    env = cluster.env
-    r = prunetune("submit", str(spec), "--address", cluster.jobs_address, "--tracking-uri", mlflow.url,
+    env = {**cluster.env, **auth_mlflow.credentials}  # the credentials: submit's environment only
+    r = prunetune("submit", str(spec), "--address", cluster.jobs_address, "--tracking-uri", auth_mlflow.url,
                   "--follow", env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
@@ -91,9 +92,21 @@ def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, mlflow, tmp_
     again = prunetune(*resume[1:], "--follow", env=env)
     assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
     assert f"resuming search submitted from {results}" in again.stdout and ": SUCCEEDED" in again.stdout
-    parents, children = mlflow_runs(mlflow.url, "submitted")
+    for k, v in auth_mlflow.credentials.items():
+        monkeypatch.setenv(k, v)
+    parents, children = mlflow_runs(auth_mlflow.url, "submitted")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(c.data.tags["prunetune.trial_id"] for c in children) == sorted(trials.trial_id)
+    # the credentials are in no log line: submit's and resume's output, the MLflow server's log, every log of the
+    # Ray session (the job drivers', the runtime-env agent's, the workers')
+    password = auth_mlflow.credentials["MLFLOW_TRACKING_PASSWORD"]
+    job_id = re.search(r"submitted Ray job (raysubmit_\w+)", r.stdout).group(1)
+    (driver_log,) = Path("/tmp/ray").glob(f"session_2*/logs/job-driver-{job_id}.log")  # not session_latest
+    logs = [f for f in driver_log.parent.rglob("*") if f.is_file()]
+    assert len(logs) > 10
+    for text in [out, again.stdout + again.stderr, auth_mlflow.log.read_text(),
+                 *(f.read_text(errors="replace") for f in logs)]:
+        assert password not in text
 
 
 def test_search_attached_through_ray_client(cluster, mlflow, tmp_path):

@@ -1,7 +1,8 @@
 """tuning.jobs without a cluster: where a submitted search's results go (the storage probe, run
 by a real shell as the head runs it), what submit refuses before it contacts the cluster, and
-what a submitted job does first (a storage path inside its scratch space). The
+what a submitted job does first (credentials, a storage path inside its scratch space). The
 same on a real two-node cluster, with a real submission: tests/test_cluster.py."""
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import prunetune_here
-from trainables.names import SPEC_FILE
+from trainables.names import CREDENTIALS_FILE, SPEC_FILE
 from tuning import jobs
 
 
@@ -46,6 +47,14 @@ def test_submit_refuses_a_relative_storage_path_before_contacting_the_cluster(tm
     assert "--set search.storage_path=/shared/ray_results" in r.stderr and "PRUNETUNE_STORAGE_PATH" in r.stderr
 
 
+def test_submit_refuses_credentials_in_the_tracking_uri(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[data]\ntrain_size = 60\n')
+    r = prunetune_here("submit", str(spec), "--address", "http://127.0.0.1:1", "--tracking-uri",
+                       "http://admin:hunter2hunter2@mlflow:5000")
+    assert r.returncode == 2 and "MLFLOW_TRACKING_USERNAME" in r.stderr and "hunter2" not in r.stderr
+
+
 def test_a_job_refuses_storage_inside_its_working_directory_before_training(tmp_path):
     job_dir = tmp_path / "ray" / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
     job_dir.mkdir(parents=True)
@@ -60,13 +69,20 @@ def test_a_job_refuses_storage_inside_its_working_directory_before_training(tmp_
     assert not (job_dir / "ray_results").exists()
 
 
-def test_a_job_leaves_its_working_directory(tmp_path, monkeypatch):
+def test_a_job_takes_its_credentials_and_leaves_its_working_directory(tmp_path, monkeypatch):
     job_dir, storage = tmp_path / "job", tmp_path / "results"
     job_dir.mkdir()
+    (job_dir / CREDENTIALS_FILE).write_text(json.dumps({"env": {"MLFLOW_TRACKING_USERNAME": "u",
+                                                                "MLFLOW_TRACKING_PASSWORD": "p" * 12}, "nonce": "1"}))
     monkeypatch.chdir(job_dir)
     monkeypatch.setenv(jobs.SUBMITTED_ENV, "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "before")  # restored by monkeypatch afterwards
     jobs.enter_job(str(storage))
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "u" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "p" * 12
+    assert not (job_dir / CREDENTIALS_FILE).exists()  # read once, then gone
     assert Path.cwd() == storage.resolve()
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
 
 
 def test_outside_a_job_nothing_happens(tmp_path, monkeypatch):

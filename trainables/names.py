@@ -36,6 +36,8 @@ TRIALS_CSV, POINTS_CSV, FRONT_CSV, FRONT_PNG = "trials.csv", "all_points.csv", "
 HYPERVOLUME = "pareto_hypervolume"  # the parent run's metric
 # in the experiment directory only: what `prunetune resume` reads back
 SPEC_FILE, STUDY_FILE, TRACKING_FILE = "prunetune_spec.json", "optuna.db", "tracking_uri"
+# in a submitted job's working directory: the MLflow credentials `prunetune submit` hands over (read, then deleted)
+CREDENTIALS_FILE = ".prunetune-mlflow-credentials.json"
 
 # MLflow tags.
 KIND_TAG = "prunetune.kind"  # "search" on the parent run, "trial" on a child run

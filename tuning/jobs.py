@@ -19,21 +19,29 @@ The experiment directory ``<storage>/<name>-<time>`` is fixed here and handed to
 (``--set search.storage_path`` and :data:`EXPERIMENT_DIR_ENV`); submit prints it with the
 ``prunetune resume DIR --address JOBS_API`` command, which submits the resume as a job too
 (:func:`submit_resume`).
+
+MLflow credentials (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` or ``_TOKEN``) travel in a file
+of the uploaded working directory, which the job reads into its own environment and deletes
+(:func:`enter_job`): not as runtime-env variables, because Ray's runtime-env agent writes
+those into its log and the job list shows them. Nothing here prints them.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import secrets
 import shlex
 import shutil
 import tempfile
 import time
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from trainables.names import SPEC_FILE
+from trainables.names import CREDENTIALS_FILE, SPEC_FILE
 from tuning import runs
 from tuning.spec import parse_override
 
@@ -119,14 +127,20 @@ def submit_resume(path: str, address: str) -> Job:
 
 
 def _submit(client: JobSubmissionClient, job: Job, env: dict[str, str], file: str | Path | None) -> Job:
-    """Submit ``job.command`` with ``env``; its working directory holds ``file``."""
+    """Submit ``job.command`` with ``env``; its working directory holds ``file`` and the MLflow
+    credentials of this environment (each job's own, a nonce makes its package unique)."""
     env = {**env, "PYTHONUNBUFFERED": "1", SUBMITTED_ENV: "1"}
     if os.environ.get("PRUNETUNE_DEBUG"):  # tracebacks from the job too
         env["PRUNETUNE_DEBUG"] = os.environ["PRUNETUNE_DEBUG"]
+    credentials = {k: os.environ[k] for k in runs.CREDENTIAL_ENV if os.environ.get(k)}
     staging = Path(tempfile.mkdtemp(prefix="prunetune-submit-"))  # the job's working dir
     try:
         if file is not None:
             shutil.copy(file, staging / Path(file).name)
+        if credentials:
+            secret = staging / CREDENTIALS_FILE
+            secret.write_text(json.dumps({"env": credentials, "nonce": secrets.token_hex(8)}))
+            secret.chmod(0o600)
         runtime_env = {"env_vars": env, **({"working_dir": str(staging)} if any(staging.iterdir()) else {})}
         job.id = client.submit_job(entrypoint=job.command, runtime_env=runtime_env)
     finally:
@@ -169,6 +183,11 @@ def _tracking_uri(tracking_uri: str | None) -> str:
         raise SubmitError("submit needs --tracking-uri (or MLFLOW_TRACKING_URI): an MLflow server the cluster can "
                           "reach, e.g. http://mlflow:5000; a default sqlite file would stay inside the job's "
                           "directory on the head node")
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:
+        raise SubmitError("the tracking URI carries a user or password, which the job list and the logs would "
+                          "show: pass the URI without them and set MLFLOW_TRACKING_USERNAME / "
+                          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead; submit hands them to the job")
     return uri
 
 
@@ -230,13 +249,18 @@ def _client(address: str) -> JobSubmissionClient:
 
 
 def enter_job(storage_path: str) -> None:
-    """In a Ray job: refuse a ``storage_path`` inside the job's working directory or Ray's temp directory (Ray deletes
+    """In a Ray job: take the MLflow credentials submit sent (deleting their file), refuse a
+    ``storage_path`` inside the job's working directory or Ray's temp directory (Ray deletes
     them: the study, the checkpoints and the tables would go too), and move to ``storage_path``:
     Tune needs a current directory at the end and the job's can be garbage-collected once the
     trials' workers exit (Ray issue #52343). Outside a job, nothing."""
     if not (os.environ.get(SUBMITTED_ENV) or os.environ.get(_RAY_JOB_ENV)):
         return
     job_dir = Path.cwd().resolve()
+    secret = job_dir / CREDENTIALS_FILE
+    if secret.is_file():
+        os.environ.update(json.loads(secret.read_text())["env"])
+        secret.unlink()
     storage = Path(storage_path).resolve()
     scratch = Path(*job_dir.parts[:job_dir.parts.index("runtime_resources") - 1]) \
         if "runtime_resources" in job_dir.parts else job_dir  # Ray's temp dir, above the session
