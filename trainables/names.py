@@ -47,6 +47,8 @@ TRIAL_ID_TAG = "prunetune.trial_id"  # the child run of that Ray Tune trial
 STATUS_TAG = "prunetune.status"  # a trial's end: done | diverged | error
 ERROR_TAG = "prunetune.error"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent in the UI
+CHECKPOINT_TAG = "prunetune.checkpoint"  # a trial's dense checkpoint once the front is final: kept | removed
+KEPT, REMOVED = "kept", "removed"
 
 
 class CheckpointMeta(TypedDict):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from trainables import data
 from trainables.names import SPEC_FILE, TRACKING_FILE
-from tuning import cluster, jobs, models, results, runs, tracking, tuner
+from tuning import cluster, jobs, models, results, retention, runs, tracking, tuner
 from tuning.results import SearchResult
 from tuning.spec import Spec, from_dict
 
@@ -65,6 +65,7 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
     results.plot_front(res, spec.search.objectives)
     if tracker is not None:
         _register(tracker, res, grid, spec, splits)
+    retention.apply(spec, res, tracker)  # the front is final: [search] keep_checkpoints
     results.print_summary(res, spec)
     return res
 

@@ -11,8 +11,9 @@ its runs again by tag (:mod:`tuning.runs`) instead of creating duplicates:
   the sampled config as params, ``val_accuracy``/``train_loss``/``images_per_second`` with
   ``step = epoch``; when the trial completes, its objectives, its sweep as ``sweep.csv`` and as
   metrics ``sweep_<metric>/<method>`` (accuracy, latency_ms, size_mb) with ``step = ratio x 100``
-  so the UI's charts draw accuracy-vs-ratio and latency-vs-ratio curves per trial, and its dense
-  checkpoint; a diverged trial is tagged ``prunetune.status = diverged`` and ends FAILED.
+  so the UI's charts draw accuracy-vs-ratio and latency-vs-ratio curves per trial; a diverged
+  trial is tagged ``prunetune.status = diverged`` and ends FAILED. Dense checkpoints are not
+  logged here: once the front is final, :mod:`tuning.retention` logs the ones it keeps.
 
 It knows nothing of models, plots or data: it mirrors what trials report. If the tracking
 server goes away mid-search, logging warns and training goes on: Ray keeps every reported
@@ -33,12 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param
-from ray.tune import Callback, Checkpoint, ResultGrid
+from ray.tune import Callback, ResultGrid
 
-from trainables.names import (CHECKPOINT_DIR, CHECKPOINT_FILE, CURVE_METRICS, DIVERGED, DONE, EPOCH_METRICS,
-                              ERROR, ERROR_TAG, EXPERIMENT_JSON, HYPERVOLUME, KIND_TAG, PARENT_TAG, PHASE,
-                              POINT_METRICS, SEARCH, SEARCH_DIR_TAG, STATUS_TAG, SWEEP_CSV, TRAIN, TRIAL,
-                              TRIAL_ID_TAG)
+from trainables.names import (CURVE_METRICS, DIVERGED, DONE, EPOCH_METRICS, ERROR, ERROR_TAG, EXPERIMENT_JSON,
+                              HYPERVOLUME, KIND_TAG, PARENT_TAG, PHASE, POINT_METRICS, SEARCH, SEARCH_DIR_TAG,
+                              STATUS_TAG, SWEEP_CSV, TRAIN, TRIAL, TRIAL_ID_TAG)
 from trainables.sweep import table_from_report
 from tuning import runs
 
@@ -107,7 +107,7 @@ class MlflowTracking(Callback):
 
     @_never_stop_the_search
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.end_trial(trial.trial_id, trial.config, trial.last_result, trial.checkpoint)
+        self.end_trial(trial.trial_id, trial.config, trial.last_result)
 
     @_never_stop_the_search
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -128,15 +128,10 @@ class MlflowTracking(Callback):
         elif phase == DONE:
             self._log_done(rid, result, ts)
 
-    def end_trial(self, trial_id: str, config: dict[str, Any], last_result: dict[str, Any],
-                  checkpoint: Checkpoint | None) -> None:
-        """A trial that completed: its dense checkpoint (every compressed model of the trial is
-        re-derived from it), and the run ends FINISHED (FAILED if it diverged)."""
+    def end_trial(self, trial_id: str, config: dict[str, Any], last_result: dict[str, Any]) -> None:
+        """A trial that completed: the run ends FINISHED (FAILED if it diverged)."""
         rid = self._child(trial_id, config)
-        diverged = last_result.get(PHASE) == DIVERGED
-        if not diverged and checkpoint is not None and (Path(checkpoint.path) / CHECKPOINT_FILE).is_file():
-            self.client.log_artifact(rid, str(Path(checkpoint.path) / CHECKPOINT_FILE), CHECKPOINT_DIR)
-        self._end(trial_id, rid, "FAILED" if diverged else "FINISHED")
+        self._end(trial_id, rid, "FAILED" if last_result.get(PHASE) == DIVERGED else "FINISHED")
 
     def fail_trial(self, trial_id: str, config: dict[str, Any]) -> None:
         """A trial that raised (its worker died past ``max_failures``, a bug): tagged error, FAILED."""
@@ -162,7 +157,7 @@ class MlflowTracking(Callback):
             if result.error:
                 self.fail_trial(trial_id, result.config)
             else:
-                self.end_trial(trial_id, result.config, reports[-1], result.checkpoint)
+                self.end_trial(trial_id, result.config, reports[-1])
             done.append(trial_id)
         return done
 
