@@ -2,9 +2,10 @@
 
 While a search runs, every trial keeps its dense checkpoint in ``storage_path`` (Ray keeps one
 per trial): a trial whose worker dies, or a search that is resumed, continues from it. After
-the search only the checkpoints someone derives a model from are worth their ~45 MB each
-(CIFAR-ResNet18 in fp32), so once the front is final — the search ended and MLflow holds its
-front and registered models (the parent run FINISHED) — :func:`apply`:
+the search only the checkpoints someone derives a model from are worth their size (fp32
+weights and optimizer state: 134 MB for CIFAR-ResNet18 with Adam), so once the front is
+final (the search ended and MLflow holds its front and registered models: the parent run is
+FINISHED) :func:`apply` does what the setting says:
 
 - ``front`` (default): the trials with a point on the Pareto front keep their checkpoint in
   storage and get it as the MLflow artifact ``checkpoint/checkpoint.pt`` of their run (what
