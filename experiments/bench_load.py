@@ -10,7 +10,9 @@ Checks (an AssertionError names what is missing): every trial ``done`` in ``tria
 exactly one FINISHED child run per trial under one parent run; the Optuna study holds every
 trained trial plus one completed trial per other sweep point; after the search only the front's
 trials keep a checkpoint. Reports: wall time, trials per minute, the driver's CPU time as a share
-of wall time, its RSS (start, peak, end), disk (storage, MLflow artifacts and database).
+of wall time (the sampler thread below included: one directory walk every 5 s), its RSS (start,
+peak, end), disk (storage at its peak during the search and after retention, MLflow artifacts
+and database).
 
     python experiments/bench_load.py [--trials 100] [--slots 8] [--workdir DIR]
 
@@ -22,6 +24,7 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +57,22 @@ def _du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+class _Sampler(threading.Thread):
+    """Every ``period`` seconds: the storage directory's size (the peak is what the disk must hold)."""
+
+    def __init__(self, path: Path, period: float = 5.0) -> None:
+        super().__init__(daemon=True)
+        self.path, self.period, self.peak = path, period, 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.period):
+            try:
+                self.peak = max(self.peak, _du(self.path))
+            except OSError:  # a file went while it was walked
+                pass
+
+
 def run(trials: int, workdir: Path, uri: str, slots: int):
     """The search, in this process, on a local Ray with ``slots`` logical CPUs; its result and figures."""
     import ray
@@ -63,18 +82,21 @@ def run(trials: int, workdir: Path, uri: str, slots: int):
 
     rss_start, load_start = _status("VmRSS"), os.getloadavg()[0]
     ray.init(num_cpus=slots, include_dashboard=False, logging_level="ERROR")
+    sampler = _Sampler(workdir / "rr")
+    sampler.start()
     try:
         cpu0, t0, epoch0 = time.process_time(), time.perf_counter(), time.time()
         res = search.search(from_dict(spec_dict(trials, workdir / "rr")), tracking_uri=uri)
         wall, cpu, epoch1 = time.perf_counter() - t0, time.process_time() - cpu0, time.time()
     finally:
+        sampler.done.set()
         ray.shutdown()
     figures = {"trials": trials, "slots": slots, "wall_s": wall, "trials_per_min": trials / wall * 60,
                "first_trial_running_s": res.trials.trial_start.min() - epoch0,
                "after_last_trial_s": epoch1 - res.trials.trial_end.max(),  # tables, MLflow, retention
                "driver_cpu_s": cpu, "driver_share": cpu / wall, "rss_start_mb": rss_start / 1e6,
                "rss_peak_mb": _status("VmHWM") / 1e6, "rss_end_mb": _status("VmRSS") / 1e6,
-               "storage_mb": _du(res.path) / 1e6, "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0]}
+               "storage_peak_mb": sampler.peak / 1e6, "storage_mb": _du(res.path) / 1e6, "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0]}
     return res, figures
 
 
