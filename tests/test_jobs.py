@@ -83,6 +83,8 @@ def test_a_job_takes_its_credentials_and_leaves_its_working_directory(tmp_path, 
     assert not (job_dir / CREDENTIALS_FILE).exists()  # read once, then gone
     assert Path.cwd() == storage.resolve()
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    jobs.enter_job(str(storage / "sub"))  # a job without an uploaded directory: its cwd is not Ray's to delete
+    assert Path.cwd() == storage / "sub"
 
 
 def test_outside_a_job_nothing_happens(tmp_path, monkeypatch):

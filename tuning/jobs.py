@@ -250,10 +250,10 @@ def _client(address: str) -> JobSubmissionClient:
 
 def enter_job(storage_path: str) -> None:
     """In a Ray job: take the MLflow credentials submit sent (deleting their file), refuse a
-    ``storage_path`` inside the job's working directory or Ray's temp directory (Ray deletes
-    them: the study, the checkpoints and the tables would go too), and move to ``storage_path``:
-    Tune needs a current directory at the end and the job's can be garbage-collected once the
-    trials' workers exit (Ray issue #52343). Outside a job, nothing."""
+    ``storage_path`` inside Ray's temp directory, where Ray unpacks the job's working directory
+    and deletes it (the study, the checkpoints and the tables would go too), and move to
+    ``storage_path``: Tune needs a current directory at the end and the job's can be
+    garbage-collected once the trials' workers exit (Ray issue #52343). Outside a job, nothing."""
     if not (os.environ.get(SUBMITTED_ENV) or os.environ.get(_RAY_JOB_ENV)):
         return
     job_dir = Path.cwd().resolve()
@@ -261,17 +261,23 @@ def enter_job(storage_path: str) -> None:
     if secret.is_file():
         os.environ.update(json.loads(secret.read_text())["env"])
         secret.unlink()
-    storage = Path(storage_path).resolve()
-    scratch = Path(*job_dir.parts[:job_dir.parts.index("runtime_resources") - 1]) \
-        if "runtime_resources" in job_dir.parts else job_dir  # Ray's temp dir, above the session
-    if storage == scratch or scratch in storage.parents:
+    storage, scratch = Path(storage_path).resolve(), _ray_temp_dir(job_dir)
+    if scratch is not None and (storage == scratch or scratch in storage.parents):
         raise SubmitError(f"search.storage_path {storage} is inside {scratch}, the job's scratch space, which Ray "
                           "deletes: the Optuna study, the checkpoints and the tables would go with it. Set "
                           "PRUNETUNE_STORAGE_PATH on the cluster (a filesystem every node shares) or pass "
                           "--set search.storage_path=/absolute/path")
     storage.mkdir(parents=True, exist_ok=True)
-    print(f"job working directory {job_dir} (Ray's, deleted with the job); results under {storage}", flush=True)
+    print(f"job working directory {job_dir}{' (Ray deletes it with the job)' if scratch else ''}; results under "
+          f"{storage}", flush=True)
     os.chdir(storage)
+
+
+def _ray_temp_dir(job_dir: Path) -> Path | None:
+    """Ray's temp directory when ``job_dir`` is Ray's copy of an uploaded working directory
+    (``TEMP/session_*/runtime_resources/working_dir_files/_ray_pkg_*``), else None."""
+    parts = job_dir.parts
+    return Path(*parts[:parts.index("runtime_resources") - 1]) if "runtime_resources" in parts else None
 
 
 def experiment_dir(storage_path: str, name: str) -> Path:
