@@ -27,6 +27,7 @@ def search_dir(exp_dir: Path) -> SearchResult:
         ckpt = exp_dir / f"trial_{trial_id}" / "checkpoint_000001"
         ckpt.mkdir(parents=True)
         (ckpt / "checkpoint.pt").write_bytes(b"w" * 1000)
+        (ckpt / "beside.pt").write_bytes(b"w" * 10)  # what a trial saves beside its weights goes along
         (ckpt.parent / "result.json").write_text("{}\n")
         rows.append({"trial_id": trial_id, "status": status, "checkpoint": str(ckpt), "trial_dir": str(ckpt.parent)})
     front = pd.DataFrame([{"trial_id": "t1", "method": "global_l1", "ratio": 0.5, "int8": False}])
@@ -83,7 +84,8 @@ def test_front_keeps_only_front_checkpoints_once_mlflow_has_the_front(finished, 
     found = runs.child_runs(client, t.experiment_id, t.parent_id)
     assert {x: r.data.tags.get(CHECKPOINT_TAG) for x, r in found.items()} == {
         "t1": "kept", "t2": "removed", "t3": None, "t4": "removed"}
-    assert [a.path for a in client.list_artifacts(found["t1"].info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
+    assert sorted(a.path for a in client.list_artifacts(found["t1"].info.run_id, "checkpoint")) == [
+        "checkpoint/beside.pt", "checkpoint/checkpoint.pt"]
     assert all(client.list_artifacts(found[x].info.run_id) == [] for x in ("t2", "t3", "t4"))
 
 

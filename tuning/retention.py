@@ -8,11 +8,12 @@ final (the search ended and MLflow holds its front and registered models: the pa
 FINISHED) :func:`apply` does what the setting says:
 
 - ``front`` (default): the trials with a point on the Pareto front keep their checkpoint in
-  storage and get it as the MLflow artifact ``checkpoint/checkpoint.pt`` of their run (what
-  ``prunetune export`` derives from); every other finished trial's checkpoint directories are
-  deleted from storage and never reach MLflow, its run tagged ``prunetune.checkpoint = removed``
-  so that ``export`` says why (:func:`why_missing`);
-- ``all``: every finished trial keeps its checkpoint and gets the artifact; nothing is deleted.
+  storage and get it as MLflow artifacts of their run (``checkpoint/``: ``checkpoint.pt`` and
+  whatever the trial saved beside it, what ``prunetune export`` derives from); every other
+  finished trial's checkpoint directories are deleted from storage and never reach MLflow, its
+  run tagged ``prunetune.checkpoint = removed`` so that ``export`` says why (:func:`why_missing`);
+- ``all``: every finished trial keeps its checkpoint and (unless it diverged) gets the
+  artifact; nothing is deleted.
 
 A trial that ended in error keeps its checkpoint (``prunetune resume`` retries it from there).
 If MLflow cannot be reached, nothing is deleted: ``prunetune resume DIR`` applies the setting
@@ -53,7 +54,8 @@ def plan(trials: pd.DataFrame, front: pd.DataFrame, keep: str) -> Plan:
     with a checkpoint, given the final ``front``; errored and unknown trials are left alone."""
     on_front = set(front.trial_id) if len(front) else set()
     finished = trials[trials.status.isin(_FINISHED) & trials.checkpoint.notna()] if len(trials) else trials
-    log = [t.trial_id for t in finished.itertuples() if t.trial_id in on_front or (keep == "all" and t.status == DONE)]
+    log = [t.trial_id for t in finished.itertuples()
+           if t.trial_id in on_front or (keep == "all" and t.status != DIVERGED)]  # a diverged model is no model
     remove = [t.trial_id for t in finished.itertuples() if keep == "front" and t.trial_id not in on_front]
     return Plan(log, remove)
 
@@ -75,8 +77,10 @@ def apply(spec: Spec, res: SearchResult, tracker: MlflowTracking | None) -> Plan
                   f"{runs.first_line(e)[:200]}); none removed. `prunetune resume {res.path}` tries again",
                   file=sys.stderr, flush=True)
             return None
-    freed = sum(_remove(Path(d)) for d in res.trials.set_index("trial_id").loc[todo.remove, "trial_dir"])
-    other = 'keep_checkpoints = "front" keeps only those' if keep == "all" else 'keep_checkpoints = "all" keeps every one'
+    dirs = res.trials.set_index("trial_id").loc[todo.remove, "trial_dir"] if todo.remove else []
+    freed = sum(_remove(Path(d)) for d in dirs)
+    other = ('keep_checkpoints = "front" keeps only those' if keep == "all" else
+             'keep_checkpoints = "all" keeps every one')
     logged = " and logged to MLflow" if tracker is not None else ""
     print(f"checkpoints ([search] keep_checkpoints = {keep!r}): {len(todo.log)} kept{logged} "
           f"({'every finished trial' if keep == 'all' else 'the trials with a point on the Pareto front'}), "
@@ -85,16 +89,17 @@ def apply(spec: Spec, res: SearchResult, tracker: MlflowTracking | None) -> Plan
 
 
 def _mirror(tracker: MlflowTracking, todo: Plan, res: SearchResult) -> None:
-    """The kept checkpoints as artifacts of their trial runs, the removed ones as a tag; runs
-    already tagged are skipped (a resumed search applies the setting again)."""
+    """The kept checkpoints as artifacts of their trial runs (``checkpoint/``: every file of the
+    trial's checkpoint directory), the removed ones as a tag; runs already tagged are skipped
+    (a resumed search applies the setting again)."""
     children = runs.child_runs(tracker.client, tracker.experiment_id, tracker.parent_id)
     checkpoints = res.checkpoints()
     for trial_id, state in [*((t, KEPT) for t in todo.log), *((t, REMOVED) for t in todo.remove)]:
         run = children.get(trial_id)
         if run is None or run.data.tags.get(CHECKPOINT_TAG) == state:
             continue
-        if state == KEPT:
-            tracker.client.log_artifact(run.info.run_id, str(checkpoints[trial_id]), CHECKPOINT_DIR)
+        if state == KEPT:  # the whole checkpoint directory: the dense weights and what the trial saved beside them
+            tracker.client.log_artifacts(run.info.run_id, str(checkpoints[trial_id].parent), CHECKPOINT_DIR)
         tracker.client.set_tag(run.info.run_id, CHECKPOINT_TAG, state)
 
 
