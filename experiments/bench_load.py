@@ -96,7 +96,8 @@ def run(trials: int, workdir: Path, uri: str, slots: int):
                "after_last_trial_s": epoch1 - res.trials.trial_end.max(),  # tables, MLflow, retention
                "driver_cpu_s": cpu, "driver_share": cpu / wall, "rss_start_mb": rss_start / 1e6,
                "rss_peak_mb": _status("VmHWM") / 1e6, "rss_end_mb": _status("VmRSS") / 1e6,
-               "storage_peak_mb": sampler.peak / 1e6, "storage_mb": _du(res.path) / 1e6, "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0]}
+               "storage_peak_mb": sampler.peak / 1e6, "storage_mb": _du(res.path) / 1e6,
+               "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0]}
     return res, figures
 
 
@@ -121,7 +122,8 @@ def check(res, uri: str, trials: int) -> dict:
     assert len(trained) == trials and all(s.state == optuna.trial.TrialState.COMPLETE for s in trained)
     assert len(study) == len(res.points) == 3 * trials, (len(study), len(res.points))  # every point is evidence
     kept = {d.parent.name for d in res.path.glob("*/checkpoint_*")}
-    on_front = set(t.set_index("trial_id").loc[sorted(set(res.front.trial_id)), "trial_dir"].map(lambda p: Path(p).name))
+    front_dirs = t.set_index("trial_id").loc[sorted(set(res.front.trial_id)), "trial_dir"]
+    on_front = {Path(d).name for d in front_dirs}
     assert kept == on_front, (kept, on_front)
     return {"child_runs": len(children), "study_trials": len(study), "front_trials": len(on_front),
             "checkpoints_kept": len(kept)}
