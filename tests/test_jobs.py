@@ -97,10 +97,10 @@ def test_outside_a_job_nothing_happens(tmp_path, monkeypatch):
 
 def test_the_experiment_directory_submit_chose(tmp_path, monkeypatch):
     monkeypatch.delenv(jobs.EXPERIMENT_DIR_ENV, raising=False)
-    assert jobs.experiment_dir(str(tmp_path), "q").name.startswith("q-")
+    assert jobs.chosen_dir_name(str(tmp_path)) is None  # not submitted: search names it
     monkeypatch.setenv(jobs.EXPERIMENT_DIR_ENV, "q-20261125-101010")
-    assert jobs.experiment_dir(str(tmp_path), "q") == tmp_path / "q-20261125-101010"
+    assert jobs.chosen_dir_name(str(tmp_path)) == "q-20261125-101010"
     (tmp_path / "q-20261125-101010").mkdir()
     (tmp_path / "q-20261125-101010" / SPEC_FILE).write_text("{}")
     with pytest.raises(jobs.SubmitError, match="already holds a search"):
-        jobs.experiment_dir(str(tmp_path), "q")
+        jobs.chosen_dir_name(str(tmp_path))

@@ -280,12 +280,11 @@ def _ray_temp_dir(job_dir: Path) -> Path | None:
     return Path(*parts[:parts.index("runtime_resources") - 1]) if "runtime_resources" in parts else None
 
 
-def experiment_dir(storage_path: str, name: str) -> Path:
-    """Where a new search writes: ``storage_path/<name>-<time>``, or in a submitted job the
-    directory submit chose and printed (refused if a search is already there)."""
+def chosen_dir_name(storage_path: str) -> str | None:
+    """In a job ``prunetune submit`` started, the experiment directory name it chose and printed
+    (refused if a search is already there: two submissions in the same second); else None."""
     chosen = os.environ.get(EXPERIMENT_DIR_ENV)
-    exp_dir = Path(storage_path) / (chosen or f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if chosen and (exp_dir / SPEC_FILE).exists():
-        raise SubmitError(f"{exp_dir} already holds a search (two submissions of {name} in the same second?); "
-                          "submit again")
-    return exp_dir
+    if chosen and (Path(storage_path) / chosen / SPEC_FILE).exists():
+        raise SubmitError(f"{Path(storage_path) / chosen} already holds a search (two submissions in the same "
+                          "second?); submit again")
+    return chosen

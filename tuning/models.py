@@ -1,8 +1,7 @@
 """Compressed models from a search: re-derive, register the Pareto front, export.
 
-A compressed model is never stored per sweep point. A trial's MLflow run holds its dense
-checkpoint (artifact ``checkpoint/checkpoint.pt``; which trials keep one: :mod:`tuning.retention`);
-a point's model is re-derived from it with
+A compressed model is never stored per sweep point. Each trial's MLflow run holds its dense
+checkpoint (artifact ``checkpoint/checkpoint.pt``); a point's model is re-derived from it with
 ``(method, ratio, int8)`` deterministically (:func:`derive`). After a search the Pareto-optimal
 points are logged with MLflow's PyTorch flavour and registered under one registered model with
 the aliases ``best-accuracy``, ``fastest`` and ``knee``; ``prunetune export`` turns a run or a
@@ -24,7 +23,7 @@ import torch.nn as nn
 from trainables import compress, data
 from trainables.names import CHECKPOINT_ARTIFACT, CheckpointMeta
 from trainables.checkpoint import load_checkpoint, model_from_checkpoint
-from tuning import pareto, retention
+from tuning import pareto
 from tuning.pareto import Objective
 from tuning.spec import Spec, from_dict
 
@@ -81,6 +80,8 @@ def dense_from_run(uri: str, run_id: str) -> tuple[nn.Module, Spec]:
     try:
         local = client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, tempfile.mkdtemp(prefix="prunetune-"))
     except Exception as e:
+        from tuning import retention  # why the run has none, when retention removed it
+
         raise ModelError(retention.why_missing(client, run_id) or f"run {run_id} has no {CHECKPOINT_ARTIFACT} "
                          f"artifact (is it a completed prunetune trial run?): {str(e).splitlines()[0]}") from None
     return dense_from_checkpoint(local)

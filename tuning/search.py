@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from trainables import data
 from trainables.names import SPEC_FILE, TRACKING_FILE
-from tuning import cluster, jobs, models, results, retention, runs, tracking, tuner
+from tuning import cluster, models, results, runs, tracking, tuner
 from tuning.results import SearchResult
 from tuning.spec import Spec, from_dict
 
@@ -65,7 +66,8 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
     results.plot_front(res, spec.search.objectives)
     if tracker is not None:
         _register(tracker, res, grid, spec, splits)
-    retention.apply(spec, res, tracker)  # the front is final: [search] keep_checkpoints
+    from tuning import retention  # the front is final: [search] keep_checkpoints
+    retention.apply(spec, res, tracker)
     results.print_summary(res, spec)
     return res
 
@@ -98,7 +100,9 @@ def _register(tracker: tracking.MlflowTracking, res: SearchResult, grid, spec: S
 
 def _new_experiment_dir(spec: Spec, uri: str) -> Path:
     """``storage_path/<name>-<time>`` with the spec and the tracking URI that resume reads back."""
-    exp_dir = jobs.experiment_dir(spec.search.storage_path, spec.name)
+    from tuning import jobs  # a submitted search writes where submit said (and printed)
+    exp_dir = Path(spec.search.storage_path) / (jobs.chosen_dir_name(spec.search.storage_path)
+                                               or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
     (exp_dir / TRACKING_FILE).write_text(uri)
