@@ -45,10 +45,10 @@ SEARCH, TRIAL = "search", "trial"
 SEARCH_DIR_TAG = "prunetune.search_dir"  # the parent run of the search in that directory
 TRIAL_ID_TAG = "prunetune.trial_id"  # the child run of that Ray Tune trial
 STATUS_TAG = "prunetune.status"  # a trial's end: done | diverged | error
-ERROR_TAG = "prunetune.error"
-PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent in the UI
 CHECKPOINT_TAG = "prunetune.checkpoint"  # a trial's dense checkpoint once the front is final: kept | removed
 KEPT, REMOVED = "kept", "removed"
+ERROR_TAG = "prunetune.error"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent in the UI
 
 
 class CheckpointMeta(TypedDict):
