@@ -78,12 +78,12 @@ def test_a_job_takes_its_credentials_and_leaves_its_working_directory(tmp_path, 
     monkeypatch.setenv(jobs.SUBMITTED_ENV, "1")
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "before")  # restored by monkeypatch afterwards
-    jobs.enter_job(str(storage))
+    jobs.leave_job_dir(str(storage))
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "u" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "p" * 12
     assert not (job_dir / CREDENTIALS_FILE).exists()  # read once, then gone
     assert Path.cwd() == storage.resolve()
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
-    jobs.enter_job(str(storage / "sub"))  # a job without an uploaded directory: its cwd is not Ray's to delete
+    jobs.leave_job_dir(str(storage / "sub"))  # a job without an uploaded directory: its cwd is not Ray's to delete
     assert Path.cwd() == storage / "sub"
 
 
@@ -91,7 +91,7 @@ def test_outside_a_job_nothing_happens(tmp_path, monkeypatch):
     monkeypatch.delenv(jobs.SUBMITTED_ENV, raising=False)
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     monkeypatch.chdir(tmp_path)
-    jobs.enter_job("ray_results")
+    jobs.leave_job_dir("ray_results")
     assert Path.cwd() == tmp_path and not (tmp_path / "ray_results").exists()
 
 

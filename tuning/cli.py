@@ -109,7 +109,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from tuning import jobs, search
 
     spec = spec_mod.load(args.file, args.set)
-    jobs.enter_job(spec.search.storage_path)  # in a submitted job: the file is read
+    jobs.leave_job_dir(spec.search.storage_path)  # in a submitted job: the file is read
     res = search.search(spec, address=args.address, tracking_uri=args.tracking_uri)
     return 0 if len(res.points) else 1
 
@@ -119,7 +119,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     if jobs.is_jobs_address(args.address):  # the directory is on the cluster: resume there, as a job
         return jobs.announce(jobs.submit_resume(args.path, args.address), args.follow)
-    jobs.enter_job(str(Path(args.path).resolve().parent))
+    jobs.leave_job_dir(str(Path(args.path).resolve().parent))
     res, _ = search.resume(args.path, address=args.address)
     return 0 if len(res.points) else 1
 

@@ -22,7 +22,7 @@ The experiment directory ``<storage>/<name>-<time>`` is fixed here and handed to
 
 MLflow credentials (``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` or ``_TOKEN``) travel in a file
 of the uploaded working directory, which the job reads into its own environment and deletes
-(:func:`enter_job`): not as runtime-env variables, because Ray's runtime-env agent writes
+(:func:`leave_job_dir`): not as runtime-env variables, because Ray's runtime-env agent writes
 those into its log and the job list shows them. Nothing here prints them.
 """
 from __future__ import annotations
@@ -248,7 +248,7 @@ def _client(address: str) -> JobSubmissionClient:
                           "RAY_API_SERVER_ADDRESS") from None
 
 
-def enter_job(storage_path: str) -> None:
+def leave_job_dir(storage_path: str) -> None:
     """In a Ray job: take the MLflow credentials submit sent (deleting their file), refuse a
     ``storage_path`` inside Ray's temp directory, where Ray unpacks the job's working directory
     and deletes it (the study, the checkpoints and the tables would go too), and move to

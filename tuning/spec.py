@@ -56,13 +56,13 @@ class SearchConfig:
     max_concurrent_trials: int = 0  # 0 = as many as resources allow
     max_failures: int = 2  # retries of a trial whose worker died
     register_models: int = 6  # Pareto models registered in MLflow (the 3 aliased ones at least); 0 = none
-    # once the front is final: "front" keeps (and logs to MLflow) only the checkpoints of trials with a
-    # point on the front and deletes the others from storage_path; "all" keeps and logs every trial's
-    keep_checkpoints: Literal["front", "all"] = "front"
     # Ray results, checkpoints and the Optuna study; on a cluster of several machines a path
     # every node sees (a shared filesystem). Default: $PRUNETUNE_STORAGE_PATH (the containers
     # set it), else ./ray_results.
     storage_path: str = field(default_factory=lambda: os.environ.get("PRUNETUNE_STORAGE_PATH") or "ray_results")
+    # once the front is final: "front" keeps (and logs to MLflow) only the checkpoints of trials with a
+    # point on the front and deletes the others from storage_path; "all" keeps and logs every trial's
+    keep_checkpoints: Literal["front", "all"] = "front"
 
 
 @dataclass
