@@ -9,7 +9,7 @@ process against an ``mlflow server`` process with basic authentication (SQLite b
 Checks (an AssertionError names what is missing): every trial ``done`` in ``trials.csv``;
 exactly one FINISHED child run per trial under one parent run; the Optuna study holds every
 trained trial plus one completed trial per other sweep point; after the search only the front's
-trials keep a checkpoint. Reports: wall time, trials per minute, the driver's CPU time as a share
+trials keep a checkpoint, and no trial left its scratch checkpoint in the temp directory. Reports: wall time, trials per minute, the driver's CPU time as a share
 of wall time (the sampler thread below included: one directory walk every 5 s), its RSS (start,
 peak, end), disk (storage at its peak during the search and after retention, MLflow artifacts
 and database).
@@ -101,6 +101,22 @@ def run(trials: int, workdir: Path, uri: str, slots: int):
     return res, figures
 
 
+def _scratch_left(storage: Path) -> list[Path]:
+    """The trials' scratch checkpoint directories (``prunetune-trial-*`` in the temp dir) still
+    there from a search whose ``storage_path`` is ``storage`` (other searches' are left out)."""
+    import torch
+
+    left = []
+    for d in Path(tempfile.gettempdir()).glob("prunetune-trial-*"):
+        try:
+            meta = torch.load(d / "checkpoint.pt", mmap=True, weights_only=False, map_location="cpu")["meta"]
+        except Exception:  # empty, being written, not ours
+            continue
+        if Path(meta["spec"]["search"]["storage_path"]) == storage:
+            left.append(d)
+    return left
+
+
 def check(res, uri: str, trials: int) -> dict:
     """Nothing lost: trials, MLflow runs, the Optuna study, the kept checkpoints."""
     from mlflow import MlflowClient
@@ -121,6 +137,8 @@ def check(res, uri: str, trials: int) -> dict:
     trained = [s for s in study if s.user_attrs.get("source") != "sweep"]
     assert len(trained) == trials and all(s.state == optuna.trial.TrialState.COMPLETE for s in trained)
     assert len(study) == len(res.points) == 3 * trials, (len(study), len(res.points))  # every point is evidence
+    leaked = _scratch_left(res.path.parent)
+    assert not leaked, f"{len(leaked)} trial scratch directories left in {tempfile.gettempdir()}: {leaked[:3]}"
     kept = {d.parent.name for d in res.path.glob("*/checkpoint_*")}
     front_dirs = t.set_index("trial_id").loc[sorted(set(res.front.trial_id)), "trial_dir"]
     on_front = {Path(d).name for d in front_dirs}
