@@ -49,12 +49,13 @@ _BATCH = 900  # metrics per log_batch call (MLflow's limit is 1000)
 def _never_stop_the_search(hook):
     """Tracking is a mirror: if the server goes away mid-search, warn (once per outage) and let
     training go on; the trial is marked missed, so its run stays open until
-    :meth:`MlflowTracking.backfill` logs what Ray kept."""
+    :meth:`MlflowTracking.backfill` logs what Ray kept. A hook that returns False sent nothing,
+    so it says nothing of whether the server is back."""
 
     @functools.wraps(hook)
     def wrapper(self: "MlflowTracking", iteration: int, trials: list, trial: Any, *args: Any, **kwargs: Any) -> None:
         try:
-            hook(self, iteration, trials, trial, *args, **kwargs)
+            sent = hook(self, iteration, trials, trial, *args, **kwargs)
         except Exception as e:  # any client or server error
             self.missed.add(trial.trial_id)
             if not self.failing:
@@ -64,7 +65,7 @@ def _never_stop_the_search(hook):
                       file=sys.stderr, flush=True)
             self.failing = True
             return
-        if self.failing:
+        if self.failing and sent is not False:
             print("prunetune: MLflow answers again", file=sys.stderr, flush=True)
             self.failing = False
 
@@ -106,8 +107,8 @@ class MlflowTracking(Callback):
         self.log_result(trial.trial_id, trial.config, result)
 
     @_never_stop_the_search
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.end_trial(trial.trial_id, trial.config, trial.last_result)
+    def on_trial_complete(self, iteration, trials, trial, **info) -> bool:
+        return self.end_trial(trial.trial_id, trial.config, trial.last_result)
 
     @_never_stop_the_search
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -128,10 +129,14 @@ class MlflowTracking(Callback):
         elif phase == DONE:
             self._log_done(rid, result, ts)
 
-    def end_trial(self, trial_id: str, config: dict[str, Any], last_result: dict[str, Any]) -> None:
-        """A trial that completed: the run ends FINISHED (FAILED if it diverged)."""
+    def end_trial(self, trial_id: str, config: dict[str, Any], last_result: dict[str, Any]) -> bool:
+        """A trial that completed: the run ends FINISHED (FAILED if it diverged). A trial that
+        missed a result keeps its run open for the back-fill: nothing is sent (returns False)."""
+        if trial_id in self.missed:
+            return False
         rid = self._child(trial_id, config)
         self._end(trial_id, rid, "FAILED" if last_result.get(PHASE) == DIVERGED else "FINISHED")
+        return True
 
     def fail_trial(self, trial_id: str, config: dict[str, Any]) -> None:
         """A trial that raised (its worker died past ``max_failures``, a bug): tagged error, FAILED."""
