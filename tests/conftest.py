@@ -64,6 +64,17 @@ def write_cifar_fixture(root: Path, n_per_batch: int = 20, n_test: int = 30, see
     return first
 
 
+@pytest.fixture(scope="session")
+def auth_mlflow(tmp_path_factory):
+    """One `mlflow server` with basic authentication for the session (its tests share it: a
+    server start costs ~15 s): ``.url``, ``.credentials`` (the client's environment), ``.log``."""
+    from servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-auth"), auth=True).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run on one thread: avoids OpenMP oversubscription when other jobs share the cores."""
@@ -99,10 +110,11 @@ output_dir = "{tmp_path / 'runs'}"
     return p
 
 
-def write_spec(path: Path, storage: Path, num_samples: int, epochs: int, train_size: int = 60,
+def write_spec(path: Path, storage: Path | None, num_samples: int, epochs: int, train_size: int = 60,
                register_models: int = 0) -> Path:
     """A tiny search experiment file (digits, global L1 at 0 and 0.5, no fine-tuning, no accuracy
-    floor: a 1-epoch model on 45 images is near chance); its name is the file stem."""
+    floor: a 1-epoch model on 45 images is near chance); its name is the file stem; ``storage``
+    None leaves ``[search] storage_path`` out."""
     path.write_text(f"""name = "{path.stem}"
 [data]
 train_size = {train_size}
@@ -123,9 +135,8 @@ num_samples = {num_samples}
 lr_min = 0.0005
 lr_max = 0.005
 cpus_per_trial = 1.0
-storage_path = "{storage}"
 register_models = {register_models}
 finetune_epochs = 0
 min_accuracy = 0.0
-""")
+""" + (f'storage_path = "{storage}"\n' if storage is not None else ""))
     return path

@@ -36,21 +36,40 @@ def wait_for(check, what: str, timeout: float, log: Path | None = None):
 
 class MlflowServer:
     """`mlflow server` on a free port with a SQLite backend store; stop() and start() again
-    keep the port and the database (a server outage)."""
+    keep the port and the database (a server outage). With ``auth``, MLflow's basic
+    authentication (``--app-name basic-auth``) with a random admin password: ``credentials``
+    is the environment a client needs."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, auth: bool = False) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self.log = workdir / "mlflow-server.log"
+        self.auth = auth
+        self.credentials = {"MLFLOW_TRACKING_USERNAME": "admin",
+                            "MLFLOW_TRACKING_PASSWORD": secrets.token_hex(12)} if auth else {}
+
+    def _auth_env(self) -> dict[str, str]:
+        """The server's side of basic-auth: its config file (users in the workdir), the admin
+        account from the environment (as docker/compose.yaml does), the CSRF key."""
+        ini = self.workdir / "auth.ini"
+        ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.workdir}/auth.db\n"
+                       "admin_username = admin\n")
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+                "MLFLOW_AUTH_ADMIN_PASSWORD": self.credentials["MLFLOW_TRACKING_PASSWORD"],
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
 
     def start(self) -> "MlflowServer":
-        log = self.workdir / "mlflow-server.log"
+        log = self.log
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        extra = ["--app-name", "basic-auth"] if self.auth else []
         self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.workdir}/server.db",
+            [str(BIN / "mlflow"), "server", *extra, "--backend-store-uri", f"sqlite:///{self.workdir}/server.db",
              "--artifacts-destination", str(self.workdir / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
-            stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**env, **(self._auth_env() if self.auth else {})})
 
         def healthy() -> bool:
             try:

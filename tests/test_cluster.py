@@ -1,13 +1,18 @@
 """The search on a real two-node Ray cluster on loopback (`ray start --head` with the dashboard
 + `ray start --address`), an `mlflow server` with a SQL backend, real processes killed:
 
-- `prunetune submit` runs a search as a Ray Job on the head, trials on both nodes;
+- `prunetune submit` runs a search as a Ray Job on the head, trials on both nodes, its results in
+  the durable default on the head (no storage path anywhere), its MLflow credentials from
+  submit's environment only (an authenticated server), in no log line; the job's working
+  directory deleted, the printed `prunetune resume` command (a job as well) finds the results;
 - `prunetune search --address ray://...` attaches a driver through Ray Client;
 - a worker node killed mid-trial: the trial continues from its epoch checkpoint on the other
   node, the search finishes every trial, MLflow has one child run per trial;
 - the MLflow server down during a search: training goes on, `prunetune resume` back-fills.
 """
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +31,10 @@ pytestmark = pytest.mark.slow  # a Ray cluster and an MLflow server per module, 
 def cluster(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("cluster")
     c = RayCluster(workdir)
+    # a home of its own on the head (where a submitted search's durable default is), no storage setting
+    c.env["HOME"] = str(workdir / "home")
+    (workdir / "home").mkdir()
+    c.env.pop("PRUNETUNE_STORAGE_PATH", None)
     try:
         c.start(head_cpus=1)
         c.add_node(cpus=1)
@@ -55,22 +64,49 @@ def reports(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
 
 
-def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, mlflow, tmp_path):
-    spec = write_spec(tmp_path / "submitted.toml", tmp_path / "rr", num_samples=2, epochs=1)
-    r = prunetune("submit", str(spec), "--address", cluster.jobs_address, "--tracking-uri", mlflow.url, "--follow",
-                  env=cluster.env)
+def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, auth_mlflow, tmp_path, monkeypatch):
+    spec = write_spec(tmp_path / "submitted.toml", None, num_samples=2, epochs=1)
+    env = {**cluster.env, **auth_mlflow.credentials}  # the credentials: submit's environment only
+    r = prunetune("submit", str(spec), "--address", cluster.jobs_address, "--tracking-uri", auth_mlflow.url,
+                  "--follow", env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
     assert "submitted Ray job raysubmit_" in r.stdout and "ray job logs raysubmit_" in r.stdout
     assert ": SUCCEEDED" in r.stdout and "Pareto front" in r.stdout, out[-5000:]
     assert "is shared by all 2 nodes" in r.stdout  # the storage probe ran on the cluster
-    (exp_dir,) = (tmp_path / "rr").iterdir()
-    trials = pd.read_csv(exp_dir / "trials.csv", dtype={"trial_id": str})
+    # where the results go, printed at submission (before the job's own output): the durable default on the head
+    results = Path(re.search(r"results on the cluster: (\S+) \(the durable default", r.stdout).group(1))
+    assert results.parent == Path(cluster.env["HOME"]) / "prunetune" / "ray_results"
+    assert results.name.startswith("submitted-") and r.stdout.index("results on the cluster") < r.stdout.index(
+        "job working directory")
+    job_dir = Path(re.search(r"job working directory (\S+) ", r.stdout).group(1))
+    assert job_dir not in results.parents and "runtime_resources" in job_dir.parts
+    trials = pd.read_csv(results / "trials.csv", dtype={"trial_id": str})
     assert len(trials) == 2 and (trials.status == "done").all()
     assert set(trials.node_id) == set(cluster.nodes.values())  # one trial per node
-    parents, children = mlflow_runs(mlflow.url, "submitted")
+    shutil.rmtree(job_dir, ignore_errors=True)  # what Ray does to it: the results stay
+    assert {"optuna.db", "trials.csv", "pareto.csv", "prunetune_spec.json"} <= {f.name for f in results.iterdir()}
+    # the printed resume command (a Ray job too) finds them
+    resume = shlex.split(re.search(r"resume it:  (prunetune resume .+) \[--follow\]", r.stdout).group(1))
+    assert resume[2] == str(results)
+    again = prunetune(*resume[1:], "--follow", env=env)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-5000:]
+    assert f"resuming search submitted from {results}" in again.stdout and ": SUCCEEDED" in again.stdout
+    for k, v in auth_mlflow.credentials.items():
+        monkeypatch.setenv(k, v)
+    parents, children = mlflow_runs(auth_mlflow.url, "submitted")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(c.data.tags["prunetune.trial_id"] for c in children) == sorted(trials.trial_id)
+    # the credentials are in no log line: submit's and resume's output, the MLflow server's log, every log of the
+    # Ray session (the job drivers', the runtime-env agent's, the workers')
+    password = auth_mlflow.credentials["MLFLOW_TRACKING_PASSWORD"]
+    job_id = re.search(r"submitted Ray job (raysubmit_\w+)", r.stdout).group(1)
+    (driver_log,) = Path("/tmp/ray").glob(f"session_2*/logs/job-driver-{job_id}.log")  # not session_latest
+    logs = [f for f in driver_log.parent.rglob("*") if f.is_file()]
+    assert len(logs) > 10
+    for text in [out, again.stdout + again.stderr, auth_mlflow.log.read_text(),
+                 *(f.read_text(errors="replace") for f in logs)]:
+        assert password not in text
 
 
 def test_search_attached_through_ray_client(cluster, mlflow, tmp_path):

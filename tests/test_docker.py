@@ -2,6 +2,9 @@
 config and the Dockerfile agree with the package: the commands they run exist with the flags
 they pass, ports and environment variables are the ones the CLI uses, volumes and
 credentials line up, and README's cluster section names what is there."""
+import configparser
+import importlib.metadata
+import importlib.util
 import re
 import shlex
 import subprocess
@@ -35,6 +38,13 @@ def help_flags(*command: str) -> set[str]:
     out = subprocess.run([str(BIN / command[0]), *command[1:], "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return set(re.findall(r"(--[a-z][a-z0-9-]*)", out.stdout))
+
+
+def mlflow_server_envvars() -> dict[str, str]:
+    """The environment variables ``mlflow server`` reads for its options: variable -> flag."""
+    import mlflow.cli
+
+    return {p.envvar: p.opts[0] for p in mlflow.cli.server.params if isinstance(p.envvar, str)}
 
 
 def flags(argv: list[str]) -> dict[str, str | None]:
@@ -94,10 +104,16 @@ def test_compose_services_and_commands(compose):
 def test_compose_postgres_backend_and_healthchecks(compose):
     services = compose["services"]
     server = flags(shlex.split(services["mlflow"]["command"])[2:])
-    m = re.fullmatch(r"postgresql://(\w+):(\w+)@postgres:5432/(\w+)", server["--backend-store-uri"])
-    assert m, server["--backend-store-uri"]
+    # the backend store from the environment (`mlflow server` reads MLFLOW_BACKEND_STORE_URI), its
+    # password the same host variable PostgreSQL is started with, never written here
+    assert "--backend-store-uri" not in server
+    store = services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    m = re.fullmatch(r"postgresql://(\w+):(\$\{[^}]+\})@postgres:5432/(\w+)", store)
+    assert m, store
     pg = services["postgres"]["environment"]
     assert m.groups() == (pg["POSTGRES_USER"], pg["POSTGRES_PASSWORD"], pg["POSTGRES_DB"])
+    assert required_from_env(pg["POSTGRES_PASSWORD"]) == "POSTGRES_PASSWORD"
+    assert mlflow_server_envvars()["MLFLOW_BACKEND_STORE_URI"] == "--backend-store-uri"
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     # artifacts on a volume of their own, where --artifacts-destination points
@@ -122,6 +138,50 @@ def test_compose_shared_storage_gpus_and_auth(compose):
     source = "".join(p.read_text() for p in (REPO / "tuning").glob("*.py"))
     for name in ("MLFLOW_TRACKING_URI", "PRUNETUNE_STORAGE_PATH", "RAY_ADDRESS"):
         assert f'"{name}"' in source, name
+
+
+def required_from_env(value: str) -> str:
+    """The variable a compose value takes from the host's environment with no default
+    (``${NAME:?message}``: compose refuses to start without it); fails on anything else."""
+    m = re.fullmatch(r"\$\{(\w+):\?[^}]+\}", value)
+    assert m, f"{value!r} is not a required ${{VAR:?...}} from the environment"
+    return m.group(1)
+
+
+def test_compose_mlflow_basic_auth(compose):
+    services = compose["services"]
+    mlflow = services["mlflow"]
+    server = check_command(shlex.split(mlflow["command"]))
+    # MLflow's own basic-auth app, installed with the package (mlflow[auth] brings Flask-WTF, which it imports)
+    assert server["--app-name"] == "basic-auth"
+    assert "basic-auth" in {e.name for e in importlib.metadata.entry_points(group="mlflow.app")}
+    assert importlib.util.find_spec("flask_wtf") is not None
+    assert re.search(r"^flask-wtf==", (DOCKER / "requirements.txt").read_text(), re.M)
+    env = mlflow["environment"]
+    # secrets only from the host's environment: the admin password and the CSRF key have no default
+    assert required_from_env(env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == "MLFLOW_ADMIN_PASSWORD"
+    assert required_from_env(env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == "MLFLOW_FLASK_SERVER_SECRET_KEY"
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"].startswith("${MLFLOW_ADMIN_USERNAME")
+    # the auth config is a repo file mounted where MLFLOW_AUTH_CONFIG_PATH points, with no password in it
+    (mount,) = [v for v in mlflow["volumes"] if v.split(":")[1] == env["MLFLOW_AUTH_CONFIG_PATH"]]
+    ini = configparser.ConfigParser()
+    ini.read_string((DOCKER / mount.split(":")[0]).read_text())
+    shipped = configparser.ConfigParser()
+    shipped.read(Path(importlib.util.find_spec("mlflow").origin).parent / "server/auth/basic_auth.ini")
+    assert set(ini["mlflow"]) <= set(shipped["mlflow"]) | {"admin_password"}  # keys MLflow reads
+    assert "admin_password" not in ini["mlflow"]
+    assert ini["mlflow"]["default_permission"] in ("READ", "EDIT", "MANAGE", "NO_PERMISSIONS")
+    # the users database on a named volume of its own
+    auth_db = ini["mlflow"]["database_uri"].removeprefix("sqlite:///")
+    assert any(v.split(":")[0] in compose["volumes"] and auth_db.startswith(v.split(":")[1] + "/")
+               for v in mlflow["volumes"]), auth_db
+    assert auth_db.startswith("/shared/") and "/shared" in (DOCKER / "Dockerfile").read_text()
+    # the health check needs no credentials (MLflow leaves /health unprotected)
+    assert "/health" in " ".join(mlflow["healthcheck"]["test"])
+    # no secret written in docker/: every one is a reference to the environment
+    for f in DOCKER.iterdir():
+        assert not re.search(r"(PASSWORD|TOKEN|SECRET_KEY)[=:] *[A-Za-z0-9]{3,}", f.read_text()), f
+        assert not re.search(r"://\w+:\w+@", f.read_text()), f  # user:password@ in a URI
 
 
 def test_cluster_launcher_matches_compose(compose, cluster_yaml):

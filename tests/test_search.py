@@ -115,7 +115,13 @@ def test_mlflow_runs_metrics_artifacts_and_registry(gpu_search):
     method = child.data.params["method"]
     assert 0 in [m.step for m in client.get_metric_history(child.info.run_id, f"sweep_accuracy/{method}_ft1")]
     assert client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
-    assert {"sweep.csv", "checkpoint"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert "sweep.csv" in {a.path for a in client.list_artifacts(child.info.run_id)}
+    # keep_checkpoints = "front" (default): a checkpoint, on disk and in MLflow, for the front's trials only
+    on_front = set(res.front.trial_id)
+    assert {c.data.tags["prunetune.trial_id"] for c in children
+            if "checkpoint" in {a.path for a in client.list_artifacts(c.info.run_id)}} == on_front
+    assert {d.parent.name for d in res.path.glob("*/checkpoint_*")} == {
+        Path(x).name for x in res.trials.set_index("trial_id").loc[sorted(on_front), "trial_dir"]}
     assert {"all_points.csv", "pareto.csv", "pareto.png", "trials.csv", "experiment.json"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
     assert parent.data.params["search.num_samples"] == "4"

@@ -56,6 +56,9 @@ def test_int_accepted_for_float(tmp_path):
 def test_choice_lists_allowed_values(tmp_path):
     with pytest.raises(SpecError, match="optimizer must be one of 'sgd', 'adam'"):
         spec_mod.load(write(tmp_path, '[train]\noptimizer = "rmsprop"\n'))
+    with pytest.raises(SpecError, match="keep_checkpoints must be one of 'front', 'all', got str 'none'"):
+        spec_mod.load(write(tmp_path, '[search]\nkeep_checkpoints = "none"\n'))
+    assert spec_mod.load(write(tmp_path, "")).search.keep_checkpoints == "front"
 
 
 def test_ranges(tmp_path):

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from trainables.names import (CHECKPOINT_FILE, DIVERGED, DONE, ERROR, FRONT_CSV, PHASE, SWEEP_TABLE, TRAIN,
-                              STATUS_TAG, TRIAL_ID_TAG)
+from trainables.names import (DIVERGED, DONE, ERROR, FRONT_CSV, PHASE, SWEEP_TABLE, TRAIN, STATUS_TAG,
+                              TRIAL_ID_TAG)
 from trainables.sweep import table_to_json
 from tuning import runs
 from tuning.spec import from_dict
@@ -73,12 +73,7 @@ def test_a_trial_is_mirrored_report_by_report(store, tmp_path):
     tracker = MlflowTracking(uri, spec, exp_dir)
     for report in reports("t1"):
         tracker.log_result("t1", {"lr": 0.01, "prune_ratio": 0.5}, report)
-    ckpt_dir = tmp_path / "ckpt"
-    ckpt_dir.mkdir()
-    (ckpt_dir / CHECKPOINT_FILE).write_bytes(b"weights")
-    from ray.tune import Checkpoint
-
-    tracker.end_trial("t1", {}, reports("t1")[-1], Checkpoint.from_directory(str(ckpt_dir)))
+    tracker.end_trial("t1", {}, reports("t1")[-1])
     client = MlflowClient(uri)
     run = children(uri, tracker)["t1"]
     assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == DONE
@@ -88,8 +83,8 @@ def test_a_trial_is_mirrored_report_by_report(store, tmp_path):
     curve = client.get_metric_history(run.info.run_id, "sweep_latency_ms/channel_l1")
     assert sorted((m.step, m.value) for m in curve) == [(0, 5.0), (50, 3.0)]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"sweep.csv", "checkpoint"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
+    # the checkpoint is not logged when the trial ends: tuning.retention logs the kept ones after the search
+    assert "sweep.csv" in artifacts and "checkpoint" not in artifacts
     sweep = pd.read_csv(client.download_artifacts(run.info.run_id, "sweep.csv", str(tmp_path)), dtype={"arch": str})
     pd.testing.assert_frame_equal(sweep, SWEEP)
 
@@ -100,7 +95,7 @@ def test_diverged_and_errored_trials_end_failed(store):
     tracker = MlflowTracking(uri, spec, exp_dir)
     for report in reports("bad", diverge=True):
         tracker.log_result("bad", {}, report)
-    tracker.end_trial("bad", {}, reports("bad", diverge=True)[-1], checkpoint=None)
+    tracker.end_trial("bad", {}, reports("bad", diverge=True)[-1])
     tracker.fail_trial("crashed", {"lr": 0.1})
     found = children(uri, tracker)
     assert (found["bad"].info.status, found["bad"].data.tags[STATUS_TAG]) == ("FAILED", "diverged")
@@ -114,7 +109,7 @@ def test_a_trial_that_missed_a_result_stays_open(store):
     tracker = MlflowTracking(uri, spec, exp_dir)
     tracker.log_result("t1", {}, reports("t1")[0])
     tracker.missed.add("t1")  # what the hooks record when the server did not answer
-    tracker.end_trial("t1", {}, reports("t1")[-1], checkpoint=None)
+    tracker.end_trial("t1", {}, reports("t1")[-1])
     assert children(uri, tracker)["t1"].info.status == "RUNNING"  # the back-fill completes it
 
 

@@ -41,6 +41,8 @@ ACCURACY_FLOOR = "accuracy_floor"  # the floor it obeys (resolved: twice chance 
 DENSE_ACCURACY = "dense_accuracy"  # the best equal-compute dense accuracy (what a drop is against)
 # in the experiment directory only: what `prunetune resume` reads back
 SPEC_FILE, STUDY_FILE, TRACKING_FILE = "prunetune_spec.json", "optuna.db", "tracking_uri"
+# in a submitted job's working directory: the MLflow credentials `prunetune submit` hands over (read, then deleted)
+CREDENTIALS_FILE = ".prunetune-mlflow-credentials.json"
 
 # MLflow tags.
 KIND_TAG = "prunetune.kind"  # "search" on the parent run, "trial" on a child run
@@ -48,6 +50,8 @@ SEARCH, TRIAL = "search", "trial"
 SEARCH_DIR_TAG = "prunetune.search_dir"  # the parent run of the search in that directory
 TRIAL_ID_TAG = "prunetune.trial_id"  # the child run of that Ray Tune trial
 STATUS_TAG = "prunetune.status"  # a trial's end: done | diverged | error
+CHECKPOINT_TAG = "prunetune.checkpoint"  # a trial's dense checkpoint once the front is final: kept | removed
+KEPT, REMOVED = "kept", "removed"
 ERROR_TAG = "prunetune.error"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent in the UI
 # on the experiment: MLflow 3's UI reads it and opens the experiment on its training runs

@@ -157,7 +157,8 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
         with restored.as_directory() as d:
             resume = load_checkpoint(Path(d) / CHECKPOINT_FILE)
 
-    workdir = Path(tempfile.mkdtemp(prefix="prunetune-trial-"))
+    scratch = tempfile.TemporaryDirectory(prefix="prunetune-trial-")  # deleted when this local goes (the trial returns):
+    workdir = Path(scratch.name)  # tune.report copies each checkpoint into storage_path before it returns
     ckpt_path = workdir / CHECKPOINT_FILE
 
     def report_epoch(m: dict[str, float]) -> None:

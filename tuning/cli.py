@@ -113,8 +113,11 @@ def _exit_code(res) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from tuning import search
+    from tuning import jobs, search
 
+    if jobs.is_jobs_address(args.address):  # the directory is on the cluster: resume there, as a job
+        return jobs.announce(jobs.submit_resume(args.path, args.address), args.follow)
+    jobs.leave_job_dir(str(Path(args.path).resolve().parent))
     res, _ = search.resume(args.path, address=args.address)
     return _exit_code(res)
 
@@ -124,17 +127,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
     search survives this machine going to sleep or losing its connection."""
     from tuning import jobs
 
-    spec_mod.load(args.file, args.set)  # fail here, not on the cluster, on a bad file
-    job = jobs.submit(args.file, args.set, address=args.address, tracking_uri=args.tracking_uri)
-    print(f"submitted Ray job {job.id} to {job.address}: {job.command}\n{job.how_to()}", flush=True)
-    if not args.follow:
-        return 0
-    try:
-        return 0 if jobs.follow(job) else 1
-    except KeyboardInterrupt:
-        print(f"\nstopped following; job {job.id} goes on ({job.ray('stop')} stops it)", flush=True)
-        return 130
-
+    spec = spec_mod.load(args.file, args.set)  # fail here, not on the cluster, on a bad file
+    return jobs.announce(jobs.submit_search(args.file, args.set, spec.name, address=args.address,
+                                            tracking_uri=args.tracking_uri), args.follow)
 
 
 def cmd_pareto(args: argparse.Namespace) -> int:
@@ -229,7 +224,8 @@ def _add_search(sub) -> None:
 
     re_ = sub.add_parser("resume", help="continue an interrupted search from its directory")
     re_.add_argument("path", help="the experiment directory `prunetune search` printed")
-    re_.add_argument("--address", help=address_help)
+    re_.add_argument("--address", help=f"{address_help}; a Jobs API (http://HEAD:8265) resumes it there as a Ray Job")
+    re_.add_argument("--follow", action="store_true", help="with a Jobs API address: stream the job's logs")
     re_.set_defaults(func=cmd_resume)
 
     su = sub.add_parser("submit", help="run the search as a Ray Job on a cluster's head node")

@@ -24,7 +24,7 @@ from trainables import compress, data, ort
 from trainables.names import CHECKPOINT_ARTIFACT, DEPLOYABLE_ARTIFACT, DEPLOYABLE_FILE, CheckpointMeta
 from trainables.sweep import point_key
 from trainables.checkpoint import load_checkpoint, model_from_checkpoint
-from tuning import deploy, selection
+from tuning import deploy, retention, selection
 from tuning.spec import Spec, from_dict
 
 
@@ -81,8 +81,8 @@ def dense_from_run(uri: str, run_id: str) -> tuple[nn.Module, Spec, Path]:
     try:
         local = Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, where))
     except Exception as e:
-        raise ModelError(f"run {run_id} has no {CHECKPOINT_ARTIFACT} artifact (is it a completed prunetune "
-                         f"trial run?): {str(e).splitlines()[0]}") from None
+        raise ModelError(retention.why_missing(client, run_id) or f"run {run_id} has no {CHECKPOINT_ARTIFACT} "
+                         f"artifact (is it a completed prunetune trial run?): {str(e).splitlines()[0]}") from None
     try:
         client.download_artifacts(run_id, DEPLOYABLE_ARTIFACT, where)
     except Exception:  # a trial without fine-tuned points: export derives from the dense weights

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# what MLflow's client sends to a server with authentication (basic auth, or a bearer token);
+# read from the environment, never from a URI, never printed
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 class TrackingError(ConnectionError):
@@ -50,12 +53,33 @@ def check_reachable(uri: str) -> MlflowClient:
     try:
         client.search_experiments(max_results=1)
     except Exception as e:  # connection refused, bad scheme, unreadable database, ...
+        if _http_status(e) in (401, 403):
+            raise TrackingError(_refused(uri, _http_status(e))) from None
         raise TrackingError(
             f"cannot use the MLflow tracking store {uri!r}: {first_line(e)[:300]}. Start the server (e.g. "
             "`mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`), "
             "fix --tracking-uri / MLFLOW_TRACKING_URI, or leave both unset for sqlite:///mlflow.db"
         ) from None
     return client
+
+
+def _http_status(e: BaseException) -> int | None:
+    status = getattr(e, "get_http_status_code", None)
+    return status() if callable(status) else None
+
+
+def _refused(uri: str, status: int) -> str:
+    """What to do when the server wants credentials (401) or the user lacks a permission (403)."""
+    given = [k for k in CREDENTIAL_ENV if os.environ.get(k)]
+    if status == 403:
+        return (f"the MLflow tracking server {uri!r} refused the request (403): the user in "
+                "MLFLOW_TRACKING_USERNAME lacks a permission; an admin grants it (MLflow's auth API) or use another user")
+    if given:
+        return (f"the MLflow tracking server {uri!r} refused the credentials in {' / '.join(given)} (401): check "
+                "the user and password (or token)")
+    return (f"the MLflow tracking server {uri!r} requires authentication (401): set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in this command's environment; `prunetune submit` "
+            "hands them to the job")
 
 
 def first_line(e: BaseException) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trainables import data
 from trainables.names import ACCURACY_FLOOR, DENSE_ACCURACY, SPEC_FILE, TRACKING_FILE
-from tuning import cluster, quiet, registry, results, runs, selection, tracking, tuner
+from tuning import cluster, jobs, quiet, registry, results, retention, runs, selection, tracking, tuner
 from tuning.results import SearchResult
 from tuning.spec import Spec, SpecError, from_dict
 
@@ -74,6 +74,7 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
     results.plot_front(res, spec.search.objectives)
     if tracker is not None:
         _register(tracker, res, grid, spec, splits)
+    retention.apply(spec, res, tracker)  # the front is final: [search] keep_checkpoints
     results.print_summary(res, spec)
     if rules.budgeted and len(res.front) and "pick" not in res.aliases:
         print(selection.closest(selection.candidates(res.points, rules), rules, res.dense_accuracy), flush=True)
@@ -109,7 +110,8 @@ def _register(tracker: tracking.MlflowTracking, res: SearchResult, grid, spec: S
 
 def _new_experiment_dir(spec: Spec, uri: str) -> Path:
     """``storage_path/<name>-<time>`` with the spec and the tracking URI that resume reads back."""
-    exp_dir = Path(spec.search.storage_path) / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_dir = Path(spec.search.storage_path) / (jobs.chosen_dir_name(spec.search.storage_path)
+                                               or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     exp_dir.mkdir(parents=True, exist_ok=True)
     (exp_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
     (exp_dir / TRACKING_FILE).write_text(uri)

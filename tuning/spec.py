@@ -68,6 +68,9 @@ class SearchConfig:
     # every node sees (a shared filesystem). Default: $PRUNETUNE_STORAGE_PATH (the containers
     # set it), else ./ray_results.
     storage_path: str = field(default_factory=lambda: os.environ.get("PRUNETUNE_STORAGE_PATH") or "ray_results")
+    # once the front is final: "front" keeps (and logs to MLflow) only the checkpoints of trials with a
+    # point on the front and deletes the others from storage_path; "all" keeps and logs every trial's
+    keep_checkpoints: Literal["front", "all"] = "front"
 
 
 @dataclass

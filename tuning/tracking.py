@@ -11,8 +11,9 @@ its runs again by tag (:mod:`tuning.runs`) instead of creating duplicates:
   the sampled config as params, ``val_accuracy``/``train_loss``/``images_per_second`` with
   ``step = epoch``; when the trial completes, its objectives, its sweep as ``sweep.csv`` and as
   metrics ``sweep_<metric>/<method>`` (accuracy, latency_ms, size_mb) with ``step = ratio x 100``
-  so the UI's charts draw accuracy-vs-ratio and latency-vs-ratio curves per trial, and its dense
-  checkpoint; a diverged trial is tagged ``prunetune.status = diverged`` and ends FAILED.
+  so the UI's charts draw accuracy-vs-ratio and latency-vs-ratio curves per trial; a diverged
+  trial is tagged ``prunetune.status = diverged`` and ends FAILED. Dense checkpoints are not
+  logged here: once the front is final, :mod:`tuning.retention` logs the ones it keeps.
 
 It knows nothing of models, plots or data: it mirrors what trials report. If the tracking
 server goes away mid-search, logging warns and training goes on: Ray keeps every reported
@@ -34,12 +35,11 @@ from typing import Any
 
 import pandas as pd
 from mlflow.entities import Metric, Param
-from ray.tune import Callback, Checkpoint, ResultGrid
+from ray.tune import Callback, ResultGrid
 
-from trainables.names import (CHECKPOINT_DIR, CHECKPOINT_FILE, CURVE_METRICS, DEPLOYABLE_FILE, DIVERGED, DONE,
-                              EPOCH_METRICS, ERROR, ERROR_TAG, EXPERIMENT_JSON, EXPERIMENT_TAGS, HYPERVOLUME, KIND_TAG,
-                              PARENT_TAG, PHASE, POINT_METRICS, SEARCH, SEARCH_DIR_TAG, STATUS_TAG, SWEEP_CSV, TRAIN,
-                              TRIAL, TRIAL_ID_TAG)
+from trainables.names import (CURVE_METRICS, DIVERGED, DONE, EPOCH_METRICS, ERROR, ERROR_TAG, EXPERIMENT_JSON, EXPERIMENT_TAGS,
+                              HYPERVOLUME, KIND_TAG, PARENT_TAG, PHASE, POINT_METRICS, SEARCH, SEARCH_DIR_TAG,
+                              STATUS_TAG, SWEEP_CSV, TRAIN, TRIAL, TRIAL_ID_TAG)
 from trainables.sweep import table_from_report
 from tuning import runs
 
@@ -50,12 +50,13 @@ _BATCH = 900  # metrics per log_batch call (MLflow's limit is 1000)
 def _never_stop_the_search(hook):
     """Tracking is a mirror: if the server goes away mid-search, warn (once per outage) and let
     training go on; the trial is marked missed, so its run stays open until
-    :meth:`MlflowTracking.backfill` logs what Ray kept."""
+    :meth:`MlflowTracking.backfill` logs what Ray kept. A hook that returns False sent nothing,
+    so it says nothing of whether the server is back."""
 
     @functools.wraps(hook)
     def wrapper(self: "MlflowTracking", iteration: int, trials: list, trial: Any, *args: Any, **kwargs: Any) -> None:
         try:
-            hook(self, iteration, trials, trial, *args, **kwargs)
+            sent = hook(self, iteration, trials, trial, *args, **kwargs)
         except Exception as e:  # any client or server error
             self.missed.add(trial.trial_id)
             if not self.failing:
@@ -65,7 +66,7 @@ def _never_stop_the_search(hook):
                       file=sys.stderr, flush=True)
             self.failing = True
             return
-        if self.failing:
+        if self.failing and sent is not False:
             print("prunetune: MLflow answers again", file=sys.stderr, flush=True)
             self.failing = False
 
@@ -109,8 +110,8 @@ class MlflowTracking(Callback):
         self.log_result(trial.trial_id, trial.config, result)
 
     @_never_stop_the_search
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.end_trial(trial.trial_id, trial.config, trial.last_result, trial.checkpoint)
+    def on_trial_complete(self, iteration, trials, trial, **info) -> bool:
+        return self.end_trial(trial.trial_id, trial.config, trial.last_result)
 
     @_never_stop_the_search
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -131,16 +132,14 @@ class MlflowTracking(Callback):
         elif phase == DONE:
             self._log_done(rid, result, ts)
 
-    def end_trial(self, trial_id: str, config: dict[str, Any], last_result: dict[str, Any],
-                  checkpoint: Checkpoint | None) -> None:
-        """A trial that completed: its dense checkpoint (every compressed model of the trial is
-        re-derived from it), and the run ends FINISHED (FAILED if it diverged)."""
+    def end_trial(self, trial_id: str, config: dict[str, Any], last_result: dict[str, Any]) -> bool:
+        """A trial that completed: the run ends FINISHED (FAILED if it diverged). A trial that
+        missed a result keeps its run open for the back-fill: nothing is sent (returns False)."""
+        if trial_id in self.missed:
+            return False
         rid = self._child(trial_id, config)
-        diverged = last_result.get(PHASE) == DIVERGED
-        for name in (CHECKPOINT_FILE, DEPLOYABLE_FILE) if not diverged and checkpoint is not None else ():
-            if (Path(checkpoint.path) / name).is_file():  # the fine-tuned points' weights, when the search fine-tunes
-                self.client.log_artifact(rid, str(Path(checkpoint.path) / name), CHECKPOINT_DIR)
-        self._end(trial_id, rid, "FAILED" if diverged else "FINISHED")
+        self._end(trial_id, rid, "FAILED" if last_result.get(PHASE) == DIVERGED else "FINISHED")
+        return True
 
     def fail_trial(self, trial_id: str, config: dict[str, Any]) -> None:
         """A trial that raised (its worker died past ``max_failures``, a bug): tagged error, FAILED."""
@@ -166,7 +165,7 @@ class MlflowTracking(Callback):
             if result.error:
                 self.fail_trial(trial_id, result.config)
             else:
-                self.end_trial(trial_id, result.config, reports[-1], result.checkpoint)
+                self.end_trial(trial_id, result.config, reports[-1])
             done.append(trial_id)
         return done
 
