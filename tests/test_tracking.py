@@ -177,3 +177,11 @@ def test_the_front_is_read_back_with_run_ids(store, tmp_path):
     assert parent.info.run_id == tracker.parent_id and parent.data.metrics["pareto_hypervolume"] == 1.5
     assert (front.trial_id == "08088346").all() and (front.run_id == tracker.runs["08088346"]).all()
     assert len(front) == len(SWEEP)
+
+
+def test_the_ui_address_opens_on_the_runs():
+    # MLflow 3 opens an experiment on its GenAI overview unless the address asks for model training
+    assert runs.where_to_look("http://mlflow:5000/", "7") == (
+        "MLflow UI: http://mlflow:5000/#/experiments/7?workflowType=machine_learning")
+    assert runs.where_to_look("sqlite:///mlflow.db", "7").startswith(
+        "MLflow UI: `prunetune ui --tracking-uri sqlite:///mlflow.db`, then http://127.0.0.1:5000/#/experiments/7?")

@@ -152,6 +152,19 @@ def _table(client: MlflowClient, parent: Run, name: str) -> pd.DataFrame:
     return table
 
 
+def ui_address(base: str, experiment_id: str) -> str:
+    """The UI page listing an experiment's runs. MLflow 3 opens an experiment on its GenAI
+    overview unless the address asks for the model-training view."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def where_to_look(uri: str, experiment_id: str) -> str:
+    """Where a user browses a search's runs: the server's page, or the command that serves a store."""
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {ui_address(uri, experiment_id)}"
+    return f"MLflow UI: `prunetune ui --tracking-uri {uri}`, then {ui_address('http://127.0.0.1:5000', experiment_id)}"
+
+
 def serve_ui(uri: str, host: str, port: int) -> int:
     """Run the MLflow UI on the store ``uri`` at ``host:port`` until Ctrl-C; returns its exit
     code. A tracking server serves its own UI: then this only says where."""
@@ -161,5 +174,6 @@ def serve_ui(uri: str, host: str, port: int) -> int:
     mlflow_bin = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
     if mlflow_bin is None:
         raise NotFound("the `mlflow` command is not installed in this environment; `pip install mlflow`")
-    print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it); a search's runs: "
+          f"{ui_address(f'http://{host}:{port}', '<experiment id>')}", flush=True)
     return subprocess.call([mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])

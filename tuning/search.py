@@ -99,6 +99,7 @@ def _register(tracker: tracking.MlflowTracking, res: SearchResult, grid, spec: S
             print(f"registered model {spec.name!r}: " + ", ".join(f"{a} -> version {v}" for a, v in aliases.items()),
                   flush=True)
         tracker.end()
+        print(runs.where_to_look(tracker.uri, tracker.experiment_id), flush=True)
         return True
     except Exception as e:
         print(f"prunetune: warning: MLflow logging after the search failed ({type(e).__name__}: "

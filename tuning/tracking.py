@@ -84,7 +84,7 @@ class MlflowTracking(Callback):
         name = spec_dict["name"]
         exp = self.client.get_experiment_by_name(name)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
-        for key, value in EXPERIMENT_TAGS.items():  # the UI opens on the runs, not on a GenAI overview
+        for key, value in EXPERIMENT_TAGS.items():  # a model-development experiment (MLflow 3's UI kinds)
             self.client.set_experiment_tag(self.experiment_id, key, value)
         self.parent_id = self._find_or_create_parent()
         self.runs: dict[str, str] = {}  # trial id -> run id
