@@ -23,10 +23,11 @@ def prunetune(*args: str, env: dict | None = None, cwd: Path = REPO,
 
 
 def prunetune_here(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``prunetune ARGS`` in this process: the real ``main`` and modules, for commands that fail
-    in their first second (where a child process spends seconds importing torch to print one
-    line). ``env`` and ``cwd`` stand for the process environment and working directory during
-    the call; an exception ``main`` does not turn into exit code 2 fails the test."""
+    """``prunetune ARGS`` in this process: the real ``main`` and modules, where the child process
+    is not what a test is about (a child spends seconds importing torch; test_cli runs the
+    command line itself in children). ``env`` and ``cwd`` stand for the process environment and
+    working directory during the call; an exception ``main`` does not turn into exit code 2
+    fails the test."""
     from tuning import cli
 
     out, err = io.StringIO(), io.StringIO()
@@ -140,3 +141,37 @@ finetune_epochs = 0
 min_accuracy = 0.0
 """ + (f'storage_path = "{storage}"\n' if storage is not None else ""))
     return path
+
+
+def tiny_spec(tmp_path: Path, **search_kw) -> dict:
+    return {
+        "name": "tiny",
+        "data": {"train_size": 60, "test_size": 30, "val_fraction": 0.25},
+        "train": {"epochs": 1, "batch_size": 30, "optimizer": "adam", "lr": 0.002},
+        "sweep": {"methods": ["global_l1", "channel_l1"], "ratios": [0.0, 0.5], "latency_runs": 3,
+                  "latency_warmup": 1, "eval_size": 20},
+        # no floor (a 1-epoch model on 45 images is near chance) and one fine-tuning epoch: the path, cheaply
+        "search": {"num_samples": 4, "lr_min": 5e-4, "lr_max": 5e-3, "storage_path": str(tmp_path / "rr"),
+                   "min_accuracy": 0.0, "finetune_epochs": 1, **search_kw},
+    }
+
+
+@pytest.fixture(scope="session")
+def gpu_search(tmp_path_factory):
+    """One real search, shared by the tests of the search, the registry, export, serving and the
+    UI: local Ray with two logical GPUs, four trials at 0.5 GPU each, MLflow on a SQLite store."""
+    import ray
+
+    from tuning import search
+    from tuning.spec import from_dict
+
+    tmp_path = tmp_path_factory.mktemp("search")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    d = tiny_spec(tmp_path, cpus_per_trial=0.5, gpus_per_trial=0.5)
+    d["train"]["device"] = "cpu"  # logical GPUs are scheduling slots here: torch has no CUDA to train on
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    try:
+        res = search.search(from_dict(d), tracking_uri=uri)
+    finally:
+        ray.shutdown()
+    return res, uri

@@ -35,13 +35,14 @@ def wait_for(check, what: str, timeout: float, log: Path | None = None):
 
 
 class MlflowServer:
-    """`mlflow server` on a free port with a SQLite backend store; stop() and start() again
-    keep the port and the database (a server outage). With ``auth``, MLflow's basic
+    """`mlflow server` on a free port with a SQLite backend store (its own, or ``backend``);
+    stop() and start() again keep the port and the database (a server outage). With ``auth``, MLflow's basic
     authentication (``--app-name basic-auth``) with a random admin password: ``credentials``
     is the environment a client needs."""
 
-    def __init__(self, workdir: Path, auth: bool = False) -> None:
+    def __init__(self, workdir: Path, auth: bool = False, backend: str | None = None) -> None:
         self.workdir = workdir
+        self.backend = backend or f"sqlite:///{workdir}/server.db"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -65,7 +66,7 @@ class MlflowServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         extra = ["--app-name", "basic-auth"] if self.auth else []
         self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", *extra, "--backend-store-uri", f"sqlite:///{self.workdir}/server.db",
+            [str(BIN / "mlflow"), "server", *extra, "--backend-store-uri", self.backend,
              "--artifacts-destination", str(self.workdir / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,

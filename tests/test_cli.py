@@ -67,15 +67,15 @@ def test_missing_dataset_path(tiny_spec_file, tmp_path):
 
 @pytest.mark.slow
 def test_diverging_lr(tiny_spec_file):
-    r = prunetune("train", str(tiny_spec_file), "--set", "train.lr=1e12", "--set", "train.optimizer=sgd",
-                  "--set", "train.schedule=constant")
+    r = prunetune_here("train", str(tiny_spec_file), "--set", "train.lr=1e12", "--set", "train.optimizer=sgd",
+                       "--set", "train.schedule=constant")
     assert r.returncode == 2 and "diverged at epoch 1" in r.stderr and "lr=1e+12" in r.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SUBSET.is_file(), reason="shared CIFAR-10 subset not present")
 def test_train_on_real_cifar_subset(tmp_path):
-    r = prunetune(
+    r = prunetune_here(
         "train", "experiments/cifar10_subset.toml", "--set", "train.epochs=1", "--set", "data.train_size=200",
         "--set", "data.test_size=100", "--set", f"train.output_dir={tmp_path}", "--json",
     )
@@ -110,7 +110,7 @@ latency_runs = 5
 latency_warmup = 1
 eval_size = 30
 """)
-    r = prunetune("train", str(spec), "--json")
+    r = prunetune_here("train", str(spec), "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.splitlines()[-1])["checkpoint"]
 
@@ -132,7 +132,8 @@ def test_sweep_json_contract(tiny_checkpoint, tmp_path):
 @pytest.mark.slow
 def test_sweep_csv(tiny_checkpoint, tmp_path):
     out = tmp_path / "s.csv"
-    r = prunetune("sweep", tiny_checkpoint, "--methods", "channel_l1", "--ratios", "0.5", "--int8", "--csv", str(out))
+    r = prunetune_here("sweep", tiny_checkpoint, "--methods", "channel_l1", "--ratios", "0.5", "--int8", "--csv",
+                       str(out))
     assert r.returncode == 0, r.stderr
     import pandas as pd
     df = pd.read_csv(out)
@@ -146,7 +147,7 @@ def test_sweep_csv(tiny_checkpoint, tmp_path):
     (["--methods", "magic"], "unknown method 'magic'"),
 ])
 def test_sweep_bad_options(tiny_checkpoint, args, message):
-    r = prunetune("sweep", tiny_checkpoint, *args)
+    r = prunetune_here("sweep", tiny_checkpoint, *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
@@ -157,31 +158,6 @@ def test_sweep_bad_checkpoints(tmp_path):
     torch.save({"arch": "vit_b_16", "model": {}}, tmp_path / "vit.pt")
     r = prunetune_here("sweep", str(tmp_path / "vit.pt"))
     assert r.returncode == 2 and "vit_b_16" in r.stderr and "Traceback" not in r.stderr
-
-
-@pytest.mark.slow
-def test_ui_serves_the_tracking_store(tmp_path):
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "ui", "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
-                             "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
-        deadline, status = time.time() + 120, None
-        while time.time() < deadline and status is None:
-            try:
-                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status
-            except OSError:
-                time.sleep(1)
-        assert status == 200
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_submit_and_search_address_errors(tiny_spec_file):

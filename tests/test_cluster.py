@@ -5,9 +5,9 @@
   the durable default on the head (no storage path anywhere), its MLflow credentials from
   submit's environment only (an authenticated server), in no log line; the job's working
   directory deleted, the printed `prunetune resume` command (a job as well) finds the results;
-- `prunetune search --address ray://...` attaches a driver through Ray Client;
-- a worker node killed mid-trial: the trial continues from its epoch checkpoint on the other
-  node, the search finishes every trial, MLflow has one child run per trial;
+- a worker node killed mid-trial of a search whose driver attached through Ray Client
+  (`--address ray://...`): the trial continues from its epoch checkpoint on the other node, the
+  search finishes every trial, MLflow has one child run per trial;
 - the MLflow server down during a search: training goes on, `prunetune resume` back-fills.
 """
 import json
@@ -109,28 +109,14 @@ def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, auth_mlflow,
         assert password not in text
 
 
-def test_search_attached_through_ray_client(cluster, mlflow, tmp_path):
-    spec = write_spec(tmp_path / "client.toml", tmp_path / "rr", num_samples=1, epochs=1)
-    r = prunetune("search", str(spec), "--address", cluster.client_address, "--tracking-uri", mlflow.url,
-                  env=cluster.env)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "Pareto front" in r.stdout
-    (exp_dir,) = (tmp_path / "rr").iterdir()
-    trials = pd.read_csv(exp_dir / "trials.csv", dtype={"trial_id": str})
-    assert len(trials) == 1 and trials.status[0] == "done" and trials.node_id[0] in cluster.nodes.values()
-    parents, children = mlflow_runs(mlflow.url, "client")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 1
-    from mlflow import MlflowClient
-
-    assert MlflowClient(mlflow.url).search_registered_models("name='client'") == []  # register_models = 0
-
-
-def test_lost_worker_node_trial_continues_from_its_checkpoint(cluster, mlflow, tmp_path):
+def test_lost_worker_node_trial_continues_from_its_checkpoint_driver_through_ray_client(cluster, mlflow, tmp_path):
     head = next(iter(cluster.nodes.values()))
     worker = cluster.nodes[list(cluster.nodes)[1]] if len(cluster.nodes) > 1 else cluster.add_node(cpus=1)
     spec = write_spec(tmp_path / "nodeloss.toml", tmp_path / "rr", num_samples=2, epochs=3, train_size=120)
-    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "search", str(spec), "--address", cluster.address,
-                             "--tracking-uri", mlflow.url], cwd=REPO, env={**cluster.env, "PYTHONUNBUFFERED": "1"},
+    # the driver attaches through Ray Client (ray://), as from a laptop
+    proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "search", str(spec), "--address",
+                             cluster.client_address, "--tracking-uri", mlflow.url], cwd=REPO,
+                            env={**cluster.env, "PYTHONUNBUFFERED": "1"},
                             stdout=open(tmp_path / "search.log", "w"), stderr=subprocess.STDOUT)
     try:
         def on_worker_after_epoch_1():
