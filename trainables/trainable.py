@@ -132,6 +132,26 @@ def _sweep(model: torch.nn.Module, splits: Splits, cfg: SweepConfig, train_cfg: 
     return pd.concat([curve, points], ignore_index=True)
 
 
+def _restored() -> dict[str, Any] | None:
+    """The checkpoint Tune restored this trial from (a restarted trial, a resumed search), or None."""
+    restored = tune.get_checkpoint()
+    if restored is None:
+        return None
+    with restored.as_directory() as d:
+        return load_checkpoint(Path(d) / CHECKPOINT_FILE)
+
+
+def _own_point(df: pd.DataFrame, method: str, ratio: float, int8: bool, epochs: int) -> dict[str, Any]:
+    """The trial's own point (fine-tuned ``epochs``; without [search] fine-tuning, the curve's
+    point), with the equal-compute dense accuracy an accuracy drop is measured against."""
+    rows = df[(df.method == method) & (df.ratio == ratio) & (df.int8 == int8) & (df.finetune_epochs == epochs)]
+    own = rows.iloc[0].to_dict()
+    own.pop("method"), own.pop("ratio"), own.pop("int8")
+    dense = df[(df.ratio == 0.0) & ~df.int8 & (df.finetune_epochs == epochs)]
+    own["dense_accuracy"] = float(dense.accuracy.max()) if len(dense) else None
+    return own
+
+
 def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]) -> None:
     """Function trainable; ``splits`` and ``spec`` come once per search via ``tune.with_parameters``."""
     # one "Checkpoint successfully created" line per epoch per trial drowns the progress table
@@ -151,12 +171,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "device": device.type,
             "node_id": ray.get_runtime_context().get_node_id(), "threads": threads}
 
-    resume = None
-    restored = tune.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            resume = load_checkpoint(Path(d) / CHECKPOINT_FILE)
-
+    resume = _restored()
     scratch = tempfile.TemporaryDirectory(prefix="prunetune-trial-")  # deleted when this local goes (the trial returns):
     workdir = Path(scratch.name)  # tune.report copies each checkpoint into storage_path before it returns
     ckpt_path = workdir / CHECKPOINT_FILE
@@ -187,12 +202,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
         if not ckpt_path.is_file():  # trained before a restart: the dense weights came from the restored checkpoint
             save_checkpoint(ckpt_path, resume)
         torch.save({k: m.state_dict() for k, m in shipped.items()}, workdir / DEPLOYABLE_FILE)
-    epochs = epochs or sweep_cfg.finetune_epochs  # without [search] fine-tuning the own point is on the curve
-    own = df[(df.method == method) & (df.ratio == ratio) & (df.int8 == int8) & (df.finetune_epochs == epochs)]
-    own = own.iloc[0].to_dict()
-    own.pop("method"), own.pop("ratio"), own.pop("int8")
-    dense = df[(df.ratio == 0.0) & ~df.int8 & (df.finetune_epochs == epochs)]
-    own["dense_accuracy"] = float(dense.accuracy.max()) if len(dense) else None  # what an accuracy drop is against
+    own = _own_point(df, method, ratio, int8, epochs or sweep_cfg.finetune_epochs)
     if device.type == "cuda":  # what the trial needed of its GPU share
         base["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
     tune.report({**base, **own, PHASE: DONE, "epoch": train_cfg.epochs, "val_accuracy": val_acc,
