@@ -16,7 +16,7 @@ and database).
 
     python experiments/bench_load.py [--trials 100] [--slots 8] [--workdir DIR]
 
-``tests/test_load.py`` runs the same with 20 trials.
+``tests/test_load.py`` runs the same with 6 trials, all at once.
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ CHECKPOINT_TAG = "prunetune.checkpoint"  # a trial's dense checkpoint once the f
 KEPT, REMOVED = "kept", "removed"
 ERROR_TAG = "prunetune.error"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a child run under its parent in the UI
-# on the experiment: MLflow 3's UI reads it and opens the experiment on its training runs
+# on the experiment: MLflow 3's kind for it (its UI still opens on GenAI unless the address asks: runs.ui_address)
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
