@@ -117,11 +117,11 @@ eval_size = 30
 
 @pytest.mark.slow
 def test_sweep_json_contract(tiny_checkpoint, tmp_path):
-    r = prunetune("sweep", tiny_checkpoint, "--methods", "global_l1,layer_l1", "--ratios", "0:0.6:0.3", "--json")
+    r = prunetune("sweep", tiny_checkpoint, "--methods", "global_l1,layer_l1", "--ratios", "0:0.6:0.6", "--json")
     assert r.returncode == 0, r.stderr
     points = json.loads(r.stdout.strip().splitlines()[-1])
     assert [(p["method"], p["ratio"]) for p in points] == [
-        ("global_l1", 0.0), ("global_l1", 0.3), ("global_l1", 0.6), ("layer_l1", 0.0), ("layer_l1", 0.3), ("layer_l1", 0.6)]
+        ("global_l1", 0.0), ("global_l1", 0.6), ("layer_l1", 0.0), ("layer_l1", 0.6)]
     for p in points:
         for k in ("int8", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "sparsity", "nonzero_params", "size_mb", "macs"):
             assert k in p, k

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from conftest import prunetune
+from conftest import prunetune_here
 from trainables import compress, data, train
 from trainables.compress import METHODS
 from trainables.data import DataConfig
@@ -181,7 +181,7 @@ def test_checkpoint_of_a_gpu_trial_sweeps_on_a_cpu(tiny, tmp_path):
     ckpt = load_checkpoint(tmp_path / "gpu.pt")
     ckpt["device"] = "cuda"
     torch.save(ckpt, tmp_path / "gpu.pt")
-    r = prunetune("sweep", str(tmp_path / "gpu.pt"), "--ratios", "0,0.5", "--eval-size", "20", "--json")
+    r = prunetune_here("sweep", str(tmp_path / "gpu.pt"), "--ratios", "0,0.5", "--eval-size", "20", "--json")
     assert r.returncode == 0, r.stderr
     assert [p["ratio"] for p in json.loads(r.stdout.strip().splitlines()[-1])] == [0.0, 0.5]
 
