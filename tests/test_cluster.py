@@ -120,6 +120,8 @@ def test_lost_worker_node_trial_continues_from_its_checkpoint_driver_through_ray
                             stdout=open(tmp_path / "search.log", "w"), stderr=subprocess.STDOUT)
     try:
         def on_worker_after_epoch_1():
+            if proc.poll() is not None:  # the search ended before the node could be killed: say why
+                raise AssertionError((tmp_path / "search.log").read_text()[-5000:])
             for d in (tmp_path / "rr").glob("*/*/"):
                 rs = reports(d)
                 if any(x.get("node_id") == worker and x.get("epoch", 0) >= 1 and x.get("phase") == "train" for x in rs) \

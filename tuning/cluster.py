@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -63,11 +65,31 @@ def connect(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or None
     check_address(address)
     if address and address.startswith("ray://"):
-        ray.init(address=address, runtime_env={"env_vars": TUNE_ENV})
+        _client_init(address)
     elif address:
         ray.init(address=address)
     else:
         ray.init(include_dashboard=False)
+
+
+def _client_init(address: str, attempts: int = 3) -> None:
+    """``ray.init`` through Ray Client. The head starts a server process per client, and that
+    start can fail on a busy head ("Starting Ray client server failed": once in our test runs,
+    the head's log naming no cause); the address answered (``check_address``), so try again."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, runtime_env={"env_vars": TUNE_ENV})
+            return
+        except Exception as e:
+            if attempt == attempts:
+                raise
+            print(f"prunetune: warning: Ray Client at {address} failed to start a session "
+                  f"({str(e).strip().splitlines()[-1][:200]}); trying again ({attempt + 1}/{attempts})",
+                  file=sys.stderr, flush=True)
+            ray.shutdown()  # whatever half of a client connection the failure left
+            time.sleep(3)
 
 
 def check_storage(storage_path: str) -> None:
