@@ -131,7 +131,7 @@ def load_front(uri: str, experiment: str | None = None) -> tuple[Run, pd.DataFra
     point with the ``run_id`` of its trial's run (what ``prunetune export`` takes)."""
     client = check_reachable(uri)
     parent = latest_search(client, experiment)
-    return parent, _table(client, parent, FRONT_CSV)
+    return parent, _table(client, parent, FRONT_CSV, _run_ids(client, parent))
 
 
 def load_search(uri: str, experiment: str | None = None) -> FinishedSearch:
@@ -139,16 +139,22 @@ def load_search(uri: str, experiment: str | None = None) -> FinishedSearch:
     ``run_id`` of its trial's run."""
     client = check_reachable(uri)
     parent = latest_search(client, experiment)
-    points, front = (_table(client, parent, name) for name in (POINTS_CSV, FRONT_CSV))
+    run_of = _run_ids(client, parent)
+    points, front = (_table(client, parent, name, run_of) for name in (POINTS_CSV, FRONT_CSV))
     return FinishedSearch(parent, client.get_experiment(parent.info.experiment_id).name, points, front)
 
 
-def _table(client: MlflowClient, parent: Run, name: str) -> pd.DataFrame:
-    """A table the search logged on its parent run, each row with its trial's ``run_id``."""
+def _run_ids(client: MlflowClient, parent: Run) -> dict[str, str]:
+    """Trial id -> the run id of its child run under ``parent``."""
     children = child_runs(client, parent.info.experiment_id, parent.info.run_id)
+    return {tid: r.info.run_id for tid, r in children.items()}
+
+
+def _table(client: MlflowClient, parent: Run, name: str, run_of: dict[str, str]) -> pd.DataFrame:
+    """A table the search logged on its parent run, each row with its trial's ``run_id``."""
     local = client.download_artifacts(parent.info.run_id, name, tempfile.mkdtemp(prefix="prunetune-"))
     table = pd.read_csv(local, dtype={"trial_id": str})  # ids like "08088346" are not numbers
-    table.insert(0, "run_id", table.trial_id.map({tid: r.info.run_id for tid, r in children.items()}))
+    table.insert(0, "run_id", table.trial_id.map(run_of))
     return table
 
 
