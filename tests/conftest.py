@@ -65,6 +65,16 @@ def write_cifar_fixture(root: Path, n_per_batch: int = 20, n_test: int = 30, see
     return first
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_scratch_left():
+    """The suite kills trials (lost nodes, killed searches, stopped clusters): remove their
+    scratch checkpoints (~200 MB each) from the temp dir when it ends."""
+    yield
+    from trainables.checkpoint import reap_scratch
+
+    reap_scratch()
+
+
 @pytest.fixture(scope="session")
 def auth_mlflow(tmp_path_factory):
     """One `mlflow server` with basic authentication for the session (its tests share it: a

@@ -2,6 +2,8 @@
 from a dense checkpoint, registering the front, resolving a run or an alias, exporting."""
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -149,13 +151,17 @@ def trial_run_experiment(uri: str) -> str:
     return MlflowClient(uri).get_experiment_by_name("unitmodels").experiment_id
 
 
-def test_export_point_rederives_from_the_trial_run(registered, tmp_path):
+def test_export_point_rederives_from_the_trial_run(registered, tmp_path, monkeypatch):
     uri, trial_run, _ = registered
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     agreement, n, tuned = models.export_point(uri, Point(trial_run, "channel_l1", 0.5, False), "onnx",
                                               tmp_path / "p.onnx")
     assert agreement == 1.0 and n == 20 and tuned and (tmp_path / "p.onnx").stat().st_size > 0
+    assert list(scratch.iterdir()) == []  # the downloaded checkpoints are gone
     agreement, _, tuned = models.export_point(uri, Point(trial_run, "channel_l1", 0.37, True), "onnx",
                                               tmp_path / "q.onnx")  # an unswept ratio, ORT INT8
     assert agreement == 1.0 and not tuned
     with pytest.raises(ModelError, match=f"has no {CHECKPOINT_ARTIFACT} artifact"):
-        models.dense_from_run(uri, MlflowClient(uri).create_run(trial_run_experiment(uri)).info.run_id)  # no checkpoint
+        models.dense_from_run(uri, MlflowClient(uri).create_run(trial_run_experiment(uri)).info.run_id, tmp_path)  # no checkpoint

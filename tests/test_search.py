@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -194,6 +195,7 @@ def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "search", str(spec_file)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    scratch = set(Path(tempfile.gettempdir()).glob("prunetune-trial-*"))
     exp_dir = None
     deadline = time.time() + 300
     try:
@@ -202,8 +204,8 @@ def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
                 line = proc.stdout.readline()
                 if "experiment dir" in line:
                     exp_dir = Path(line.split("experiment dir ")[1].split(" ")[0])
-            elif _done_trials(exp_dir) >= 1:
-                break
+            elif _done_trials(exp_dir) >= 1 and set(Path(tempfile.gettempdir()).glob("prunetune-trial-*")) - scratch:
+                break  # a trial done, and one holding its scratch checkpoints (the next, or the done one returning)
             else:
                 time.sleep(0.5)
         else:
@@ -213,8 +215,11 @@ def test_killed_search_resumes_without_loss_or_duplicates(tmp_path):
         proc.wait()
     done_before = _done_trials(exp_dir)
     assert done_before == 1
+    killed = set(Path(tempfile.gettempdir()).glob("prunetune-trial-*")) - scratch  # the killed trials'
+    assert killed
     r = prunetune("resume", str(exp_dir), env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [d for d in killed if d.exists()] == []  # the resumed trial removed their checkpoints
     assert "Pareto front" in r.stdout
     trials = pd.read_csv(exp_dir / "trials.csv", dtype={"trial_id": str})
     assert len(trials) == 2 and trials.trial_id.is_unique and (trials.status == "done").all()

@@ -1,11 +1,16 @@
 import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from trainables import data
 from trainables.data import DataConfig
-from trainables.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from trainables.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, reap_scratch, scratch_dir
 from trainables.train import Diverged, TrainConfig, fit
 
 
@@ -77,3 +82,28 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"arch": "resnet50"}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="resnet50"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_a_trial_scratch_dir_reaps_those_of_killed_trials(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_dir, live_dir = tmp_path / f"prunetune-trial-{killed.pid}-x1", tmp_path / f"prunetune-trial-{live.pid}-x2"
+        other = tmp_path / "prunetune-trial-notapid"
+        for d in (dead_dir, live_dir, other):
+            d.mkdir()
+            (d / "checkpoint.pt").write_bytes(b"x" * 1000)
+        scratch = scratch_dir()
+        assert not dead_dir.exists() and live_dir.exists() and other.exists()
+        mine = Path(scratch.name)
+        assert mine.parent == tmp_path and mine.name.startswith(f"prunetune-trial-{os.getpid()}-")
+        assert reap_scratch() == []  # this process is alive: its scratch stays
+        scratch.cleanup()
+        assert not mine.exists()
+    finally:
+        live.kill()
+        live.wait()
+    assert reap_scratch() == [live_dir] and not live_dir.exists()

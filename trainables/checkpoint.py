@@ -9,6 +9,8 @@ trial alike) is a dict: ``arch``, ``num_classes``, ``epoch``, ``model`` (state d
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,39 @@ class CheckpointError(ValueError):
 
 class ResumeWarning(UserWarning):
     """A run resumes on another kind of device than it trained on: not an exact continuation."""
+
+
+SCRATCH_PREFIX = "prunetune-trial-"  # then the pid of the trial's process
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    """A trial's scratch directory for its checkpoints (Tune copies each reported one into the
+    search's storage). It goes when the trial returns; first, :func:`reap_scratch`."""
+    reap_scratch()
+    return tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+
+
+def reap_scratch() -> list[Path]:
+    """Remove the scratch directories of trial processes that are gone from this machine and
+    return them. A killed trial (a lost node, a killed search, ``ray stop``) cannot remove its
+    own, and each holds a dense checkpoint and its fine-tuned points (~200 MB)."""
+    gone = []
+    for d in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = d.name[len(SCRATCH_PREFIX):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from trainables.data import Splits
 from trainables.names import (CHECKPOINT_FILE, DEPLOYABLE_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN,
                               CheckpointMeta)
 from trainables.sweep import SweepConfig, run_sweep, table_to_json
-from trainables.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from trainables.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, scratch_dir
 from trainables.train import DeviceError, Diverged, TrainConfig, fit
 
 LATENCY_CACHE = "prunetune_latency_cache"
@@ -172,8 +171,8 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
             "node_id": ray.get_runtime_context().get_node_id(), "threads": threads}
 
     resume = _restored()
-    scratch = tempfile.TemporaryDirectory(prefix="prunetune-trial-")  # deleted when this local goes (the trial returns):
-    workdir = Path(scratch.name)  # tune.report copies each checkpoint into storage_path before it returns
+    scratch = scratch_dir()  # deleted when this local goes (the trial returns): tune.report copies
+    workdir = Path(scratch.name)  # each checkpoint into storage_path before it returns
     ckpt_path = workdir / CHECKPOINT_FILE
 
     def report_epoch(m: dict[str, float]) -> None:

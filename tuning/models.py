@@ -73,11 +73,11 @@ def resolve(uri: str, ref: str, method: str | None, ratio: float | None, int8: b
                  defaults["int8"] if int8 is None else int8)
 
 
-def dense_from_run(uri: str, run_id: str) -> tuple[nn.Module, Spec, Path]:
+def dense_from_run(uri: str, run_id: str, where: str | Path) -> tuple[nn.Module, Spec, Path]:
     """Download the trial's dense checkpoint (and its fine-tuned points' weights, when it has
-    them) and rebuild the model and its experiment spec; also returns the local checkpoint."""
+    them) into the directory ``where`` and rebuild the model and its experiment spec; also
+    returns the local checkpoint."""
     client = _client(uri)
-    where = tempfile.mkdtemp(prefix="prunetune-")
     try:
         local = Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, where))
     except Exception as e:
@@ -159,9 +159,10 @@ def export_point(uri: str, point: Point, fmt: str, out: str | Path) -> tuple[flo
     """Derive ``point`` from its trial's run and :func:`export` it. Returns the top-1 agreement of
     the file with the model it packs, the number of held-out test images that was measured on,
     and whether the point's fine-tuned weights were found (else: derived without fine-tuning)."""
-    dense, spec, checkpoint = dense_from_run(uri, point.run_id)
+    with tempfile.TemporaryDirectory(prefix="prunetune-export-") as where:  # ~200 MB of checkpoints
+        dense, spec, checkpoint = dense_from_run(uri, point.run_id, where)
+        weights = fine_tuned_weights(checkpoint, point)
     splits = data.load(spec.data)
-    weights = fine_tuned_weights(checkpoint, point)
     runtime = "onnxruntime" if fmt == "onnx" else "torch"  # ONNX INT8 is ORT's own quantization
     model = runtime_model(dense, spec, point, _calibration(spec, splits), weights, runtime)
     return export(model, fmt, out, splits.test), len(splits.test), weights is not None

@@ -152,8 +152,9 @@ def _run_ids(client: MlflowClient, parent: Run) -> dict[str, str]:
 
 def _table(client: MlflowClient, parent: Run, name: str, run_of: dict[str, str]) -> pd.DataFrame:
     """A table the search logged on its parent run, each row with its trial's ``run_id``."""
-    local = client.download_artifacts(parent.info.run_id, name, tempfile.mkdtemp(prefix="prunetune-"))
-    table = pd.read_csv(local, dtype={"trial_id": str})  # ids like "08088346" are not numbers
+    with tempfile.TemporaryDirectory(prefix="prunetune-") as where:
+        local = client.download_artifacts(parent.info.run_id, name, where)
+        table = pd.read_csv(local, dtype={"trial_id": str})  # ids like "08088346" are not numbers
     table.insert(0, "run_id", table.trial_id.map(run_of))
     return table
 
