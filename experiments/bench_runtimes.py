@@ -16,8 +16,8 @@ import argparse
 import pandas as pd
 import torch
 
-from trainables import compress, data, measure, ort
-from tuning.models import dense_from_checkpoint
+from trainables import compress, measure, ort
+from tuning.models import calibration_images, dense_from_checkpoint
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     dense, spec = dense_from_checkpoint(args.checkpoint)
-    calibration = data.normalize(data.load(spec.data).train.x[: spec.sweep.calibration_size])
+    calibration = calibration_images(spec)
     models = {}
     for ratio in (float(r) for r in args.ratios.split(",")):
         fp32 = compress.make_permanent(compress.prune(dense, "channel_l1", ratio, round_to=spec.sweep.round_to)).eval()

@@ -126,7 +126,7 @@ def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | Non
     if weights is not None:
         model.load_state_dict(weights)
     if point.int8:
-        model = compress.quantize_int8(model, _calibration(spec, splits) if calibration is None else calibration)
+        model = compress.quantize_int8(model, calibration_images(spec, splits) if calibration is None else calibration)
     return model
 
 
@@ -151,7 +151,9 @@ def fine_tuned_weights(checkpoint: str | Path, point: Point) -> dict[str, torch.
     return torch.load(path, map_location="cpu", weights_only=True).get(point_key(point.method, point.ratio))
 
 
-def _calibration(spec: Spec, splits: data.Splits | None) -> torch.Tensor:
+def calibration_images(spec: Spec, splits: data.Splits | None = None) -> torch.Tensor:
+    """The normalised training images INT8 is calibrated on (the sweep's: the first
+    ``[sweep] calibration_size``); ``splits`` loaded from the spec if not given."""
     return data.normalize((splits or data.load(spec.data)).train.x[: spec.sweep.calibration_size])
 
 
@@ -164,7 +166,7 @@ def export_point(uri: str, point: Point, fmt: str, out: str | Path) -> tuple[flo
         weights = fine_tuned_weights(checkpoint, point)
     splits = data.load(spec.data)
     runtime = "onnxruntime" if fmt == "onnx" else "torch"  # ONNX INT8 is ORT's own quantization
-    model = runtime_model(dense, spec, point, _calibration(spec, splits), weights, runtime)
+    model = runtime_model(dense, spec, point, calibration_images(spec, splits), weights, runtime)
     return export(model, fmt, out, splits.test), len(splits.test), weights is not None
 
 

@@ -46,7 +46,7 @@ def register_front(uri: str, parent_run_id: str, front: pd.DataFrame, aliases: d
     mlflow.set_tracking_uri(uri)
     example = splits.test.x[:2].permute(0, 2, 3, 1).contiguous().numpy()  # two real test images, as uint8 NHWC
     classes = data.class_names(spec.data, int(splits.train.y.max()) + 1)
-    calibration = data.normalize(splits.train.x[: spec.sweep.calibration_size])
+    calibration = models.calibration_images(spec, splits)
     versions: dict[Any, int] = {}
     with mlflow.start_run(run_id=parent_run_id):
         for i, idx in enumerate(order):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from trainables import data
 from trainables.names import ACCURACY_FLOOR, DENSE_ACCURACY, SPEC_FILE, TRACKING_FILE
-from tuning import cluster, jobs, quiet, registry, results, retention, runs, selection, tracking, tuner
+from tuning import cluster, jobs, models, quiet, registry, results, retention, runs, selection, tracking, tuner
 from tuning.results import SearchResult
 from tuning.spec import Spec, SpecError, from_dict
 
@@ -69,7 +69,7 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
     rules = selection.rules_for(spec, int(splits.train.y.max()) + 1)
     res = results.collect(spec, exp_dir, grid, rules)
     if len(res.front):  # the trials' latencies are provisional: time the front quietly, recompute it
-        res = quiet.remeasure(res, spec, data.normalize(splits.train.x[: spec.sweep.calibration_size]))
+        res = quiet.remeasure(res, spec, models.calibration_images(spec, splits))
         print(quiet.summary(res), flush=True)
     results.plot_front(res, spec.search.objectives)
     if tracker is not None:
