@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from trainables.names import (DIVERGED, DONE, ERROR, FRONT_CSV, PHASE, SWEEP_TABLE, TRAIN, STATUS_TAG,
+from trainables.names import (DIVERGED, DONE, ERROR, FRONT_CSV, PHASE, POINTS_CSV, SWEEP_TABLE, TRAIN, STATUS_TAG,
                               TRIAL_ID_TAG)
 from trainables.sweep import table_to_json
 from tuning import runs
@@ -160,23 +160,27 @@ def test_backfill_logs_every_report_ray_kept_in_order(store, toy_grid):
     assert len(found) == 2 and {r.data.tags[TRIAL_ID_TAG] for r in found.values()} == set(ids.values())
 
 
-def test_the_front_is_read_back_with_run_ids(store, tmp_path):
+def test_a_finished_search_is_read_back_with_run_ids(store, tmp_path):
     uri, spec, exp_dir = store
     with pytest.raises(runs.NotFound, match="no MLflow experiment 'unit'"):
-        runs.load_front(uri, "unit")
+        runs.load_search(uri, "unit")
     experiment(uri, exp_dir.parent)
     tracker = MlflowTracking(uri, spec, exp_dir)
     tracker.log_result("08088346", {}, reports("08088346")[0])  # an all-digit trial id stays a string
     with pytest.raises(runs.NotFound, match="no finished prunetune search in experiment 'unit'"):
-        runs.load_front(uri, "unit")
-    front_csv = tmp_path / FRONT_CSV
-    SWEEP.assign(trial_id="08088346", lr=0.01).to_csv(front_csv, index=False)
-    tracker.log_search([front_csv], hypervolume=1.5)
+        runs.load_search(uri, "unit")
+    points_csv, front_csv = tmp_path / POINTS_CSV, tmp_path / FRONT_CSV
+    SWEEP.assign(trial_id="08088346", lr=0.01).to_csv(points_csv, index=False)
+    SWEEP.iloc[:2].assign(trial_id="08088346", lr=0.01).to_csv(front_csv, index=False)
+    tracker.log_search([points_csv, front_csv], hypervolume=1.5)
     tracker.end()
-    parent, front = runs.load_front(uri)
+    found = runs.load_search(uri)
+    parent, front = found.parent, found.front
     assert parent.info.run_id == tracker.parent_id and parent.data.metrics["pareto_hypervolume"] == 1.5
-    assert (front.trial_id == "08088346").all() and (front.run_id == tracker.runs["08088346"]).all()
-    assert len(front) == len(SWEEP)
+    assert found.name == "unit"
+    for table, n in ((front, 2), (found.points, len(SWEEP))):
+        assert (table.trial_id == "08088346").all() and (table.run_id == tracker.runs["08088346"]).all()
+        assert len(table) == n
 
 
 def test_the_ui_address_opens_on_the_runs():

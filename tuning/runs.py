@@ -126,17 +126,9 @@ class FinishedSearch:
     front: pd.DataFrame  # pareto.csv
 
 
-def load_front(uri: str, experiment: str | None = None) -> tuple[Run, pd.DataFrame]:
-    """The latest finished search's parent run and its Pareto front (``pareto.csv``), each
-    point with the ``run_id`` of its trial's run (what ``prunetune export`` takes)."""
-    client = check_reachable(uri)
-    parent = latest_search(client, experiment)
-    return parent, _table(client, parent, FRONT_CSV, _run_ids(client, parent))
-
-
 def load_search(uri: str, experiment: str | None = None) -> FinishedSearch:
     """The latest finished search: its parent run, every point and the front, each row with the
-    ``run_id`` of its trial's run."""
+    ``run_id`` of its trial's run (what ``prunetune export`` takes)."""
     client = check_reachable(uri)
     parent = latest_search(client, experiment)
     run_of = _run_ids(client, parent)
