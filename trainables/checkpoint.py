@@ -9,6 +9,7 @@ trial alike) is a dict: ``arch``, ``num_classes``, ``epoch``, ``model`` (state d
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -18,11 +19,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from trainables.errors import CheckpointError
 from trainables.model import ARCH, cifar_resnet18
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or not ours."""
 
 
 class ResumeWarning(UserWarning):
@@ -63,27 +61,60 @@ def _alive(pid: int) -> bool:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a reader (or a crash) never sees a half-written checkpoint."""
+    """Write atomically: a reader (or a crash) never sees a half-written checkpoint. The
+    temporary file is unique to this write, so two writers never share one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# What every checkpoint holds, and of what type (the rest is optional: optimizer, scheduler, rng,
+# history, ...). A file that lacks one of them was not written by prunetune.
+_REQUIRED = {"arch": str, "epoch": int, "model": dict, "meta": dict}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`fit`; clear errors for a missing or foreign file."""
+    """Read a checkpoint written by :func:`fit`; clear errors for a missing or foreign file.
+
+    Only tensors and plain data are read (``torch.load(weights_only=True)``): a checkpoint is
+    a file anyone can hand over (a shared MLflow server, a download), and unpickling arbitrary
+    objects would run whatever code the file names. A file that holds anything else is a
+    :class:`CheckpointError`, and nothing of it runs.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; `prunetune train FILE` writes one")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):
+            raise CheckpointError(f"{path} is not a prunetune checkpoint: unreadable as a torch file") from None
+        raise CheckpointError(f"{path} is not a prunetune checkpoint: it holds Python objects other than tensors "
+                              "and plain data, which prunetune never writes and does not load (unpickling them "
+                              "could run code)") from None
     except Exception as e:
-        raise CheckpointError(f"{path} is not a prunetune checkpoint: {e}") from None
+        raise CheckpointError(f"{path} is not a prunetune checkpoint: {_first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH:
         found = ckpt.get("arch") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path} is not a {ARCH} checkpoint written by prunetune (found {found!r})")
+    wrong = [f"{k} ({'missing' if k not in ckpt else type(ckpt[k]).__name__})" for k, tp in _REQUIRED.items()
+             if not isinstance(ckpt.get(k), tp)]
+    if wrong:
+        raise CheckpointError(f"{path} is not a complete prunetune checkpoint: {', '.join(wrong)}; "
+                              "`prunetune train FILE` writes one")
     return ckpt
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
@@ -92,13 +123,18 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     return model
 
 
-# Knobs that do not change the result; everything else must match to continue a run exactly.
-_RESUME_FREE = {"threads", "device", "eval_batch_size", "output_dir"}
+# Knobs that do not change the result; everything else ([train] and [data]) must match to continue a run
+# exactly: a changed [data] seed or size would make earlier training images validation images.
+_RESUME_FREE = {"threads", "device", "eval_batch_size", "output_dir", "download"}
 
 
-def _check_same_run(ckpt: dict[str, Any], now: dict[str, Any]) -> None:
+def _check_same_run(ckpt: dict[str, Any], now: dict[str, Any], data: dict[str, Any] | None = None) -> None:
     diff = [f"{k}={ckpt['train'].get(k)!r} (now {v!r})" for k, v in now.items()
             if k not in _RESUME_FREE and ckpt["train"].get(k) != v]
+    was = ckpt.get("meta", {}).get("spec", {}).get("data")
+    if data is not None and was is not None:
+        diff += [f"data.{k}={was.get(k)!r} (now {v!r})" for k, v in data.items()
+                 if k not in _RESUME_FREE and was.get(k) != v]
     if diff:
         raise CheckpointError(
             "cannot resume: the checkpoint's run was trained with " + ", ".join(diff)
@@ -107,15 +143,16 @@ def _check_same_run(ckpt: dict[str, Any], now: dict[str, Any]) -> None:
 
 
 def restore(resume: dict[str, Any], recipe: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
-            sched, device: torch.device) -> list[dict[str, float]]:
+            sched, device: torch.device, data: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """Put a checkpoint's model, optimiser, scheduler and RNG state back; return its history.
-    ``recipe`` (the ``[train]`` config as a dict) must match the checkpoint's, but for the knobs
-    that do not change the result: resuming continues that same run.
+    ``recipe`` (the ``[train]`` config as a dict) and ``data`` (the ``[data]`` one, when known)
+    must match the checkpoint's, but for the knobs that do not change the result: resuming
+    continues that same run.
 
     Batches draw from their own (seed, epoch) generators, so the CPU state is all there is;
     older checkpoints' per-GPU CUDA states are ignored (their count need not match this node's).
     """
-    _check_same_run(resume, recipe)
+    _check_same_run(resume, recipe, data)
     model.load_state_dict(resume["model"])
     opt.load_state_dict(resume["optimizer"])
     sched.load_state_dict(resume["scheduler"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
@@ -26,14 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainables.errors import DataError
+
 # CIFAR-10 channel statistics (0-1 scale); used for every dataset so models are interchangeable.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 PAD = 4
-
-
-class DataError(RuntimeError):
-    """A dataset is missing or malformed; the message says where and how to fix it."""
 
 
 @dataclass
@@ -68,39 +66,94 @@ class Splits:
     val: Split
     test: Split
     name: str
+    classes: list[str] = field(default_factory=lambda: [str(i) for i in range(10)])  # names, by label
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def to(self, device: torch.device | str) -> "Splits":
-        return Splits(self.train.to(device), self.val.to(device), self.test.to(device), self.name)
+        return Splits(self.train.to(device), self.val.to(device), self.test.to(device), self.name, self.classes)
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
+
+
+def _load_npz(path: str) -> tuple[Arrays, list[str]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(
             f"dataset file {p} not found. Set [data] path to an .npz with x_train, y_train, "
             "x_test, y_test (uint8 NHWC), e.g. ../shared/data/cifar10-subset.npz from the repo root"
         )
-    with np.load(p) as f:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
-        if missing:
-            raise DataError(f"{p} lacks arrays {sorted(missing)}; it has {sorted(f.files)}")
-        arrays = tuple(f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-    for name, x in zip(("x_train", "x_test"), arrays[::2]):
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-            raise DataError(f"{p}: {name} must be uint8 N x H x W x 3, got {x.dtype} {x.shape}")
-    return arrays  # type: ignore[return-value]
+    try:
+        with np.load(p, allow_pickle=False) as f:  # arrays only: an object array would unpickle (run code)
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
+            if missing:
+                raise DataError(f"{p} lacks arrays {sorted(missing)}; it has {sorted(f.files)}")
+            arrays = tuple(f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+            names = [str(n) for n in f["class_names"]] if "class_names" in f.files else None
+    except (ValueError, OSError) as e:  # not an npz, or object arrays
+        raise DataError(f"{p} is not an .npz of plain arrays ({str(e).splitlines()[0][:200]}); write it with "
+                        "numpy.savez(x_train=..., y_train=..., x_test=..., y_test=...)") from None
+    check_arrays(str(p), *arrays, num_classes=len(names) if names else None)
+    return arrays, names or [str(i) for i in range(int(arrays[1].max()) + 1)]  # type: ignore[return-value]
+
+
+def check_arrays(where: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                 num_classes: int | None = None) -> None:
+    """A :class:`DataError` naming the array and the fix unless the four arrays are a dataset:
+    uint8 N x 32 x 32 x 3 images, as many integer labels in ``0..classes-1`` (``num_classes``,
+    else every label the training split has), no split empty, no test label unseen in training."""
+    for name, x, y, y_name in (("x_train", x_train, y_train, "y_train"), ("x_test", x_test, y_test, "y_test")):
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+            raise DataError(f"{where}: {name} must be uint8 N x 32 x 32 x 3 (images as decoded, RGB), got "
+                            f"{x.dtype} {x.shape}; resize your images to 32 x 32 first")
+        if not len(x):
+            raise DataError(f"{where}: {name} is empty; every split needs images")
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise DataError(f"{where}: {y_name} must be a 1-D array of integer labels, got {y.dtype} {y.shape}")
+        if len(y) != len(x):
+            raise DataError(f"{where}: {name} has {len(x)} images but {y_name} {len(y)} labels; one label per image")
+    classes = num_classes or int(y_train.max()) + 1
+    if classes < 2:
+        raise DataError(f"{where}: the labels name {classes} class; a classifier needs at least two")
+    for y_name, y in (("y_train", y_train), ("y_test", y_test)):
+        if y.min() < 0 or y.max() >= classes:
+            bad = int(y.min()) if y.min() < 0 else int(y.max())
+            raise DataError(f"{where}: {y_name} holds label {bad}, outside 0..{classes - 1} (the classes "
+                            f"{'the file names' if num_classes else 'the training labels span'}); labels must be "
+                            "class indices 0..classes-1")
 
 
 _CIFAR_DIR = "cifar-10-batches-py"
 _CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """torchvision's CIFAR format is pickled: unpickle lists, dicts and numpy arrays only, never
+    the other callables a pickle can name (a tampered batch file would run them)."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise DataError(f"{self.where}: a CIFAR batch holds lists and arrays only, this one names {module}.{name}; "
+                            "refused (a tampered file?): extract cifar-10-python.tar.gz again")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+        unpickler = _ArraysOnly(f, encoding="latin1")
+        unpickler.where = str(path)
+        entry = unpickler.load()
+    if not isinstance(entry, dict) or "data" not in entry or not ({"labels", "fine_labels"} & set(entry)):
+        raise DataError(f"{path} is not a CIFAR batch (a dict with data and labels); extract cifar-10-python.tar.gz again")
     x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     y = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
     return x, y
@@ -110,14 +163,15 @@ def _load_cifar10(root: str, download: bool) -> tuple[np.ndarray, ...]:
     root_p = Path(root)
     cache = root_p / "cifar10_uint8.npz"
     if cache.is_file():
-        return _load_npz(str(cache))
+        return _load_npz(str(cache))[0]
     base = root_p / _CIFAR_DIR
     files = [base / n for n in _CIFAR_TRAIN + ["test_batch"]]
     if not all(f.is_file() for f in files) and download:
         from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import download_and_extract_archive
 
-        try:
-            CIFAR10(str(root_p), train=True, download=True)
+        try:  # the archive's MD5 is checked; the batches are read below, arrays only
+            download_and_extract_archive(CIFAR10.url, str(root_p), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
         except Exception as e:  # network errors come in many types
             raise DataError(
                 f"could not download CIFAR-10 into {root_p}: {e}. Without internet, copy the "
@@ -136,6 +190,7 @@ def _load_cifar10(root: str, download: bool) -> tuple[np.ndarray, ...]:
     x_test, y_test = _read_cifar_batch(files[-1])
     x_train = np.concatenate([x for x, _ in train])
     y_train = np.concatenate([y for _, y in train])
+    check_arrays(str(base), x_train, y_train, x_test, y_test, num_classes=10)
     try:
         np.savez(cache, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     except OSError:
@@ -169,18 +224,26 @@ def _split(x: np.ndarray, y: np.ndarray) -> Split:
     return Split(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))), torch.from_numpy(y.astype(np.int64)))
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _read(cfg: DataConfig) -> tuple[Arrays, list[str]]:
+    """The whole dataset, checked, and its class names by label: CIFAR-10's, an npz file's
+    ``class_names`` array when it has one, else the labels themselves ("0", "1", ...)."""
+    if cfg.dataset == "digits":
+        return _load_digits(), [str(i) for i in range(10)]
+    if cfg.dataset == "npz":
+        return _load_npz(cfg.path)
+    if cfg.dataset == "cifar10":
+        return _load_cifar10(cfg.root, cfg.download), list(CIFAR10_CLASSES)
+    raise DataError(f"unknown dataset {cfg.dataset!r}; use digits, npz or cifar10")
+
+
 def load(cfg: DataConfig) -> Splits:
-    """Load ``cfg.dataset`` as uint8 train/val/test splits on the CPU."""
+    """Load ``cfg.dataset`` as uint8 train/val/test splits on the CPU, with its class names."""
     from sklearn.model_selection import train_test_split
 
-    if cfg.dataset == "digits":
-        x_tr, y_tr, x_te, y_te = _load_digits()
-    elif cfg.dataset == "npz":
-        x_tr, y_tr, x_te, y_te = _load_npz(cfg.path)
-    elif cfg.dataset == "cifar10":
-        x_tr, y_tr, x_te, y_te = _load_cifar10(cfg.root, cfg.download)
-    else:
-        raise DataError(f"unknown dataset {cfg.dataset!r}; use digits, npz or cifar10")
+    (x_tr, y_tr, x_te, y_te), classes = _read(cfg)
     x_tr, y_tr = _subset(x_tr, y_tr, cfg.train_size, cfg.seed)
     x_te, y_te = _subset(x_te, y_te, cfg.test_size, cfg.seed + 1)
     try:
@@ -193,22 +256,7 @@ def load(cfg: DataConfig) -> Splits:
             f"{len(y_tr)} training images: {e}. Use more images ([data] train_size) or change "
             "[data] val_fraction"
         ) from None
-    return Splits(_split(x_fit, y_fit), _split(x_val, y_val), _split(x_te, y_te), cfg.dataset)
-
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-def class_names(cfg: DataConfig, num_classes: int = 10) -> list[str]:
-    """The names of the classes, by label: CIFAR-10's, an npz file's ``class_names`` array when it
-    has one, else the labels themselves ("0", "1", ...: the digits' names too)."""
-    if cfg.dataset == "cifar10":
-        return list(CIFAR10_CLASSES)
-    if cfg.dataset == "npz" and Path(cfg.path).is_file():
-        with np.load(cfg.path) as f:
-            if "class_names" in f.files:
-                return [str(n) for n in f["class_names"]]
-    return [str(i) for i in range(num_classes)]
+    return Splits(_split(x_fit, y_fit), _split(x_val, y_val), _split(x_te, y_te), cfg.dataset, classes)
 
 
 # ----------------------------------------------------------------------------- batches

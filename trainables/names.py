@@ -41,6 +41,7 @@ ACCURACY_FLOOR = "accuracy_floor"  # the floor it obeys (resolved: twice chance 
 DENSE_ACCURACY = "dense_accuracy"  # the best equal-compute dense accuracy (what a drop is against)
 # in the experiment directory only: what `prunetune resume` reads back
 SPEC_FILE, STUDY_FILE, TRACKING_FILE = "prunetune_spec.json", "optuna.db", "tracking_uri"
+LOCK_FILE = ".prunetune.lock"  # held by the live search of the directory (its pid and host inside)
 # in a submitted job's working directory: the MLflow credentials `prunetune submit` hands over (read, then deleted)
 CREDENTIALS_FILE = ".prunetune-mlflow-credentials.json"
 

@@ -23,13 +23,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from trainables.errors import OrtError
 from trainables.data import Split, normalize
 
 INPUT, OUTPUT = "image", "logits"
-
-
-class OrtError(RuntimeError):
-    """ONNX Runtime cannot export, load or run a model; the message names the model."""
 
 
 class OrtModel:

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from trainables.checkpoint import restore, save_checkpoint
+from trainables.errors import DeviceError, Diverged
 from trainables.data import Split, Splits, eval_batches, train_batches
 from trainables.model import ARCH, cifar_resnet18
 
@@ -55,21 +56,6 @@ class TrainConfig:
     amp: bool = True  # on CUDA: bf16 autocast + channels_last (no effect on CPU)
     eval_batch_size: int = 512
     output_dir: str = "runs"  # `prunetune train` writes OUTPUT_DIR/<name>/<time>/checkpoint.pt
-
-
-class Diverged(RuntimeError):
-    """The training loss became NaN or Inf."""
-
-    def __init__(self, epoch: int, lr: float, loss: float, optimizer: str):
-        self.epoch, self.lr, self.loss = epoch, lr, loss
-        super().__init__(
-            f"training diverged at epoch {epoch} with lr={lr:g} ({optimizer}): loss is {loss}. "
-            "Lower [train] lr (e.g. 10x) or search a narrower lr range"
-        )
-
-
-class DeviceError(RuntimeError):
-    """The requested training device is not there."""
 
 
 @dataclass
@@ -228,11 +214,12 @@ def fit(
     if cfg.threads > 0 and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = for_training(cifar_resnet18().to(device), device, cfg.amp)
+    model = for_training(cifar_resnet18(splits.num_classes).to(device), device, cfg.amp)
     opt = make_optimizer(model, cfg)
     steps = max(1, len(splits.train) // cfg.batch_size)
     sched = make_scheduler(opt, cfg, steps)
-    history = restore(resume, dataclasses.asdict(cfg), model, opt, sched, device) if resume is not None else []
+    data_cfg = (meta or {}).get("spec", {}).get("data")
+    history = restore(resume, dataclasses.asdict(cfg), model, opt, sched, device, data_cfg) if resume is not None else []
     start_epoch = resume["epoch"] + 1 if resume is not None else 1
 
     result = FitResult(model=model, history=history, checkpoint=str(checkpoint_path) if checkpoint_path else None)
@@ -252,7 +239,7 @@ def fit(
         images += stats["images"]
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {
-                "arch": ARCH, "num_classes": 10, "epoch": epoch, "model": model.state_dict(),
+                "arch": ARCH, "num_classes": splits.num_classes, "epoch": epoch, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": {"torch": torch.get_rng_state()}, "device": device.type,
                 "train": dataclasses.asdict(cfg), "meta": meta or {}, "history": history,
