@@ -6,10 +6,10 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
+from trainables.errors import PrunetuneError
 from trainables.names import CHECKPOINT_FILE, CheckpointMeta
 from tuning import spec as spec_mod
 from tuning.jobs import DEFAULT_JOBS_ADDRESS
@@ -43,8 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         ckpt_path = Path(args.resume)
         print(f"resuming from {ckpt_path} after epoch {resume['epoch']}", flush=True)
     else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        ckpt_path = Path(spec.train.output_dir) / spec.name / stamp / CHECKPOINT_FILE
+        run_dir = spec_mod.new_run_dir(Path(spec.train.output_dir) / spec.name, spec_mod.run_stamp())
+        ckpt_path = run_dir / CHECKPOINT_FILE
     print(f"checkpoint (written every epoch): {ckpt_path}", flush=True)
 
     def progress(m: dict[str, float]) -> None:
@@ -128,7 +128,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from tuning import jobs
 
     spec = spec_mod.load(args.file, args.set)  # fail here, not on the cluster, on a bad file
-    return jobs.announce(jobs.submit_search(args.file, args.set, spec.name, address=args.address,
+    return jobs.announce(jobs.submit_search(args.file, args.set, spec, address=args.address,
                                             tracking_uri=args.tracking_uri), args.follow)
 
 
@@ -170,6 +170,21 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     return runs.serve_ui(runs.tracking_uri(args.tracking_uri), args.host, args.port)
 
+
+
+def _budget(positive: bool):
+    """An argparse type: a number > 0 (``positive``) or >= 0, ``inf`` for no budget; NaN is refused
+    (it compares false with everything, so it would mean "no budget" unsaid)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (value > 0 if positive else value >= 0):
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number {'> 0' if positive else '>= 0'}, or inf for "
+                                             "no budget")
+        return value
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -239,9 +254,9 @@ def _add_search(sub) -> None:
 def _add_mlflow(sub) -> None:
     pa = sub.add_parser("pareto", help="print the Pareto front of the latest finished search from MLflow")
     pa.add_argument("--experiment", help="MLflow experiment (the experiment file's name); default: any")
-    pa.add_argument("--max-latency-ms", type=float, help="latency budget (default: the search's [search] "
+    pa.add_argument("--max-latency-ms", type=_budget(positive=True), help="latency budget (default: the search's [search] "
                     "max_latency_ms); the fastest point within both budgets is picked")
-    pa.add_argument("--max-accuracy-drop", type=float, help="accuracy budget, 0-1 below the best equal-compute "
+    pa.add_argument("--max-accuracy-drop", type=_budget(positive=False), help="accuracy budget, 0-1 below the best equal-compute "
                     "dense point (0.01 = one point; default: the search's)")
     pa.add_argument("--json", action="store_true", help="print a JSON array of the front's points last (with "
                     "version, aliases, picked)")
@@ -268,21 +283,13 @@ def _add_mlflow(sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from trainables.data import DataError
-    from trainables.checkpoint import CheckpointError
-    from trainables.train import DeviceError, Diverged
-    from tuning.jobs import SubmitError
-    from tuning.models import ModelError
-    from tuning.runs import NotFound
-
     try:
         return args.func(args)
-    except (spec_mod.SpecError, DataError, Diverged, CheckpointError, DeviceError,
-            ConnectionError, FileNotFoundError, ModelError, NotFound, SubmitError) as e:
+    except PrunetuneError as e:
         if os.environ.get("PRUNETUNE_DEBUG"):
             raise
         print(f"prunetune {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"prunetune {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -17,7 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-from tuning.spec import SearchConfig, SpecError
+from trainables.errors import ClusterError, SpecError
+from tuning.spec import SearchConfig
 
 # Tune settings for the process that runs Tune's controller (this one, or under Ray Client
 # an actor on the cluster, which gets them through the job's runtime env).
@@ -38,7 +39,7 @@ def check_address(address: str | None) -> None:
     if not address:
         return
     if address.startswith(("http://", "https://")):
-        raise ConnectionError(
+        raise ClusterError(
             f"{address!r} is a Ray dashboard / Jobs address: submit the search there with `prunetune submit FILE "
             f"--address {address}`, or attach this driver with --address ray://HOST:10001 (or HOST:6379 on a node)")
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -47,7 +48,7 @@ def check_address(address: str | None) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as e:
-        raise ConnectionError(
+        raise ClusterError(
             f"cannot reach the Ray cluster at {address!r} ({e.strerror or e}). Start one with "
             "`ray start --head`, fix --address / RAY_ADDRESS, or leave both unset for a local Ray"
         ) from None
@@ -113,7 +114,7 @@ def check_storage(storage_path: str) -> None:
     name = [f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n in nodes]
     silent = [name[i] for i, ok in enumerate(seen) if ok is None]
     if silent:
-        raise ConnectionError(f"{len(silent)} of {len(nodes)} nodes did not answer the storage_path check within "
+        raise ClusterError(f"{len(silent)} of {len(nodes)} nodes did not answer the storage_path check within "
                               f"{_PROBE_TIMEOUT_S} s ({', '.join(silent)}); check them with `ray status` and try again")
     blind = [name[i] for i, ok in enumerate(seen) if not ok]
     if blind:

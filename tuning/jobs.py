@@ -35,15 +35,14 @@ import shlex
 import shutil
 import tempfile
 import time
-import tomllib
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from trainables.names import CREDENTIALS_FILE, SPEC_FILE
+from trainables.errors import SubmitError
+from trainables.names import CREDENTIALS_FILE
 from tuning import runs
-from tuning.spec import parse_override
+from tuning.spec import Spec
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -63,10 +62,6 @@ fi
 case "$p" in /*) ;; *) echo "prunetune-storage-error: PRUNETUNE_STORAGE_PATH=$p on the head is relative"; exit 0;; esac
 if mkdir -p "$p" 2>/dev/null && [ -w "$p" ]; then echo "prunetune-storage: $src $p"
 else echo "prunetune-storage-error: $p on the head is not writable"; fi"""
-
-
-class SubmitError(ValueError):
-    """A submission that cannot go ahead; the message names the fix."""
 
 
 def jobs_address(address: str | None = None) -> str:
@@ -98,17 +93,18 @@ class Job:
                 f"stop it:    {self.ray('stop')}")
 
 
-def submit_search(file: str | Path, overrides: list[str], name: str, address: str | None = None,
+def submit_search(file: str | Path, overrides: list[str], spec: Spec, address: str | None = None,
                   tracking_uri: str | None = None) -> Job:
     """Submit ``prunetune search FILE [--set ...]`` to the Jobs API at ``address`` (see
     :func:`jobs_address`), with the file as the job's working directory and the results in
     a directory on the cluster fixed here (see the module docstring)."""
     uri = _tracking_uri(tracking_uri)
-    given = _given_storage(file, overrides)
+    _check_paths(spec)
     address = jobs_address(address)
     client = _client(address)
-    storage, source = (given, "[search] storage_path") if given else _probe_storage(client, address)
-    results = str(PurePosixPath(storage) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    storage, source = ((spec.search.storage_path, "[search] storage_path") if "search.storage_path" in spec.given
+                       else _probe_storage(client, address))
+    results = str(PurePosixPath(storage) / spec.run_name())
     entry = ["prunetune", "search", Path(file).name, "--tracking-uri", uri]
     for override in [*overrides, f"search.storage_path={storage}"]:
         entry += ["--set", override]
@@ -183,28 +179,28 @@ def _tracking_uri(tracking_uri: str | None) -> str:
         raise SubmitError("submit needs --tracking-uri (or MLFLOW_TRACKING_URI): an MLflow server the cluster can "
                           "reach, e.g. http://mlflow:5000; a default sqlite file would stay inside the job's "
                           "directory on the head node")
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username or parts.password:
-        raise SubmitError("the tracking URI carries a user or password, which the job list and the logs would "
-                          "show: pass the URI without them and set MLFLOW_TRACKING_USERNAME / "
-                          "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead; submit hands them to the job")
-    return uri
+    return runs.tracking_uri(uri)  # refuses a user or password in it
 
 
-def _given_storage(file: str | Path, overrides: list[str]) -> str | None:
-    """``[search] storage_path`` as the file or a ``--set`` states it (None: not stated);
-    a path relative to the job's working directory is refused."""
-    value = tomllib.loads(Path(file).read_text()).get("search", {}).get("storage_path")
-    for text in overrides:
-        key, parsed = parse_override(text)
-        if key == ["search", "storage_path"]:
-            value = parsed
-    if value is not None and not str(value).startswith("/"):
-        raise SubmitError(f"search.storage_path {value!r} is not an absolute path: in a submitted job it would be "
-                          "inside the job's working directory, which Ray deletes when the job ends. Give a path on "
-                          "the cluster (--set search.storage_path=/shared/ray_results), or leave it out to use "
-                          f"PRUNETUNE_STORAGE_PATH on the head, else {DURABLE_DEFAULT} there")
-    return value
+# the path keys a submitted search reads on the cluster (by dataset for the data), with an example
+_CLUSTER_PATHS = {"search.storage_path": "/shared/ray_results", "data.path": "/shared/data/mine.npz",
+                  "data.root": "/shared/data/cifar10"}
+
+
+def _check_paths(spec: Spec) -> None:
+    """Refuse a relative path the submitted search would read or write on the cluster: the job runs
+    in its working directory, which Ray deletes when the job ends (a dataset downloaded there
+    would be lost, and its path recorded in every checkpoint)."""
+    used = {"search.storage_path", {"npz": "data.path", "cifar10": "data.root"}.get(spec.data.dataset, "")}
+    for key in sorted(used & spec.relative):
+        if key == "search.storage_path" and key not in spec.given:
+            continue  # not stated: the head's PRUNETUNE_STORAGE_PATH or the durable default (_probe_storage)
+        section, name = key.split(".")
+        raise SubmitError(f"{key} is a relative path ({'a default' if key not in spec.given else 'as given'}): in a "
+                          "submitted job it would be inside the job's working directory, which Ray deletes when the "
+                          f"job ends. Give the absolute path on the cluster (--set {key}={_CLUSTER_PATHS[key]})"
+                          + (f", or leave it out to use PRUNETUNE_STORAGE_PATH on the head, else {DURABLE_DEFAULT} there"
+                             if section == "search" else ""))
 
 
 def _probe_storage(client: JobSubmissionClient, address: str) -> tuple[str, str]:
@@ -261,6 +257,7 @@ def leave_job_dir(storage_path: str) -> None:
     if secret.is_file():
         os.environ.update(json.loads(secret.read_text())["env"])
         secret.unlink()
+    _keep_working_dir_from_trials()
     storage, scratch = Path(storage_path).resolve(), _ray_temp_dir(job_dir)
     if scratch is not None and (storage == scratch or scratch in storage.parents):
         raise SubmitError(f"search.storage_path {storage} is inside {scratch}, the job's scratch space, which Ray "
@@ -273,6 +270,19 @@ def leave_job_dir(storage_path: str) -> None:
     os.chdir(storage)
 
 
+def _keep_working_dir_from_trials() -> None:
+    """Take the uploaded working directory out of the runtime env this driver's tasks and actors
+    inherit (Ray hands the job's one to ``ray.init`` in :data:`_RAY_JOB_ENV`): trials need nothing
+    of it (the spec reaches them as objects), and every node that ran a trial would otherwise
+    unpack its own copy of the package that carried the MLflow credentials."""
+    raw = os.environ.get(_RAY_JOB_ENV)
+    if not raw:
+        return
+    config = json.loads(raw)
+    if (config.get("runtime_env") or {}).pop("working_dir", None) is not None:
+        os.environ[_RAY_JOB_ENV] = json.dumps(config)
+
+
 def _ray_temp_dir(job_dir: Path) -> Path | None:
     """Ray's temp directory when ``job_dir`` is Ray's copy of an uploaded working directory
     (``TEMP/session_*/runtime_resources/working_dir_files/_ray_pkg_*``), else None."""
@@ -280,11 +290,6 @@ def _ray_temp_dir(job_dir: Path) -> Path | None:
     return Path(*parts[:parts.index("runtime_resources") - 1]) if "runtime_resources" in parts else None
 
 
-def chosen_dir_name(storage_path: str) -> str | None:
-    """In a job ``prunetune submit`` started, the experiment directory name it chose and printed
-    (refused if a search is already there: two submissions in the same second); else None."""
-    chosen = os.environ.get(EXPERIMENT_DIR_ENV)
-    if chosen and (Path(storage_path) / chosen / SPEC_FILE).exists():
-        raise SubmitError(f"{Path(storage_path) / chosen} already holds a search (two submissions in the same "
-                          "second?); submit again")
-    return chosen
+def chosen_dir_name() -> str | None:
+    """In a job ``prunetune submit`` started, the experiment directory name it chose and printed; else None."""
+    return os.environ.get(EXPERIMENT_DIR_ENV)

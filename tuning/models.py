@@ -21,17 +21,12 @@ import torch
 import torch.nn as nn
 
 from trainables import compress, data, ort
+from trainables.errors import CheckpointError, ModelError
 from trainables.names import CHECKPOINT_ARTIFACT, DEPLOYABLE_ARTIFACT, DEPLOYABLE_FILE, CheckpointMeta
 from trainables.sweep import point_key
 from trainables.checkpoint import load_checkpoint, model_from_checkpoint
 from tuning import deploy, retention, selection
 from tuning.spec import Spec, from_dict
-
-
-class ModelError(ValueError):
-    """A run, model alias or export request that cannot be served; says why."""
-
-
 
 
 @dataclass
@@ -60,6 +55,9 @@ def resolve(uri: str, ref: str, method: str | None, ratio: float | None, int8: b
             if not alias:
                 raise ModelError(f"{ref}: use models:/NAME@ALIAS (aliases: {', '.join(selection.ALIASES)})")
             tags = client.get_model_version_by_alias(name, alias).tags
+            missing = {"trial_run_id", "method", "ratio", "int8"} - set(tags)
+            if missing:
+                raise ModelError(f"{ref} is not a version prunetune registered: its tags lack {', '.join(sorted(missing))}")
             run_id = tags["trial_run_id"]
             defaults = {"method": tags["method"], "ratio": float(tags["ratio"]), "int8": tags["int8"] == "True"}
         else:
@@ -95,6 +93,9 @@ def dense_from_checkpoint(path: str | Path) -> tuple[nn.Module, Spec]:
     experiment spec it was trained with (so sweeps and exports use the same data splits)."""
     ckpt = load_checkpoint(path)
     meta: CheckpointMeta = ckpt["meta"]
+    if not isinstance(meta.get("spec"), dict):
+        raise CheckpointError(f"{path} records no experiment spec (its meta has {sorted(meta) or 'nothing'}): it was "
+                              "not written by `prunetune train` or a search, so its data splits are unknown")
     return model_from_checkpoint(ckpt).eval(), from_dict(meta["spec"], source=f"{path} (its experiment)")
 
 

@@ -12,6 +12,7 @@ its description is a short model card.
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def register_front(uri: str, parent_run_id: str, front: pd.DataFrame, aliases: d
     client = MlflowClient(tracking_uri=uri)
     mlflow.set_tracking_uri(uri)
     example = splits.test.x[:2].permute(0, 2, 3, 1).contiguous().numpy()  # two real test images, as uint8 NHWC
-    classes = data.class_names(spec.data, int(splits.train.y.max()) + 1)
+    classes = splits.classes
     calibration = models.calibration_images(spec, splits)
     versions: dict[Any, int] = {}
     with mlflow.start_run(run_id=parent_run_id):
@@ -122,6 +123,27 @@ def versions(uri: str, name: str, parent_run_id: str) -> pd.DataFrame:
                          for v in found], columns=["trial_id", "method", "ratio", "int8", "version", "aliases"])
 
 
+def elsewhere(uri: str, name: str, parent_run_id: str) -> list[str]:
+    """One line per alias of the registered model ``name`` that names a version of another search
+    than ``parent_run_id`` (an overlapping or older search set it): say which, so a user does not
+    take ``models:/NAME@ALIAS`` for a point of the front shown."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException:
+        return []
+    lines = []
+    for alias, version in sorted(aliases.items()):
+        run_id = client.get_model_version(name, str(version)).run_id
+        if run_id != parent_run_id:
+            lines.append(f"note: models:/{name}@{alias} is version {version} of another search (parent run {run_id}), "
+                         "not of this one")
+    return lines
+
+
 def annotate(table: pd.DataFrame, registered: pd.DataFrame) -> pd.DataFrame:
     """``table`` (points) with the ``version`` and ``aliases`` of each point that is registered."""
     key = ["trial_id", "method", "ratio", "int8"]
@@ -147,13 +169,15 @@ def answer(uri: str, experiment: str | None, max_latency_ms: float | None,
         shown = table[cols].to_string(index=False)
     lines = [f"Pareto front of search {found.parent.info.run_name} (parent run {found.parent.info.run_id}), "
              f"{len(table)} points; {rules.describe()}; best equal-compute dense accuracy {dense:.4f}:", shown]
+    lines += elsewhere(uri, found.name, found.parent.info.run_id)
     if chosen is None:
         lines.append(selection.closest(selection.candidates(found.points, rules), rules, dense))
     else:
         row = table.loc[chosen]
         where = (f"registered as models:/{found.name}/{int(row.version)}" if pd.notna(row.version) else
-                 f"not registered; `prunetune export {row.run_id} --method {row.method} --ratio {row.ratio:g}"
-                 f"{' --int8' if row.int8 else ''} --format onnx -o model.onnx` derives it")
+                 "not registered; `" + shlex.join(["prunetune", "export", str(row.run_id), "--method", str(row.method),
+                                                   "--ratio", f"{row.ratio:g}", *(["--int8"] if row.int8 else []),
+                                                   "--format", "onnx", "-o", "model.onnx"]) + "` derives it")
         lines.append(f"pick: trial {row.trial_id} {row.method} ratio {row.ratio:g}{' int8' if row.int8 else ''}, "
                      f"accuracy {row.accuracy:.4f}, {row.latency_ms:.3f} ms; {where}")
     return table[[c for c in ["trial_id", *_PARETO_COLUMNS] if c in table.columns]], "\n".join(lines), chosen is not None

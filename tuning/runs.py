@@ -12,11 +12,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from trainables.errors import NotFound, TrackingError
 from trainables.names import FRONT_CSV, KIND_TAG, PARENT_TAG, POINTS_CSV, SEARCH, SEARCH_DIR_TAG, TRIAL_ID_TAG
 
 if TYPE_CHECKING:
@@ -29,18 +32,22 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
-class TrackingError(ConnectionError):
-    """The MLflow tracking store cannot be reached or used."""
-
-
-class NotFound(LookupError):
-    """What a command needs is not there (an experiment, a finished search, the ``mlflow``
-    command); the message says what there is or how to get it."""
-
-
 def tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory.
+
+    A relative SQLite path is made absolute here, once: the URI is stored with the search
+    (``prunetune resume`` from another directory must reach the same store). A URI that carries
+    a user or password is refused: prunetune prints the URI and stores it in the search's
+    directory, where the password would be readable."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username or parts.password:
+        raise TrackingError("the tracking URI carries a user or password, which prunetune would print and store "
+                            "with the search: pass the URI without them and set MLFLOW_TRACKING_USERNAME / "
+                            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and ":memory:" not in uri:
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
 
 
 def check_reachable(uri: str) -> MlflowClient:
@@ -101,7 +108,9 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_id: str) -> dict
 
 
 def latest_search(client: MlflowClient, experiment: str | None = None) -> Run:
-    """The parent run of the latest finished search, in ``experiment`` or in any."""
+    """The parent run of the search that finished last, in ``experiment`` or in any. A search
+    ends (FINISHED) once its models are registered and their aliases set, so this is the search
+    that set the aliases last: ``prunetune pareto`` and ``models:/NAME@ALIAS`` name the same one."""
     if experiment:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
@@ -111,7 +120,7 @@ def latest_search(client: MlflowClient, experiment: str | None = None) -> Run:
     else:
         ids = [e.experiment_id for e in client.search_experiments()]
     found = client.search_runs(ids, f"tags.`{KIND_TAG}` = '{SEARCH}' and attributes.status = 'FINISHED'",
-                               order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+                               order_by=["attributes.end_time DESC"], max_results=1) if ids else []
     if not found:
         where = f"experiment {experiment!r}" if experiment else "the tracking store"
         raise NotFound(f"no finished prunetune search in {where}; run `prunetune search FILE` first")

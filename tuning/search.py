@@ -15,16 +15,22 @@ one call into the module that owns it:
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from trainables import data
-from trainables.names import ACCURACY_FLOOR, DENSE_ACCURACY, SPEC_FILE, TRACKING_FILE
+from trainables.names import ACCURACY_FLOOR, DENSE_ACCURACY, LOCK_FILE, SPEC_FILE, TRACKING_FILE
 from tuning import cluster, jobs, models, quiet, registry, results, retention, runs, selection, tracking, tuner
 from tuning.results import SearchResult
-from tuning.spec import Spec, SpecError, from_dict
+from trainables.errors import NotFound, SearchLocked, SpecError
+from tuning.spec import Spec, from_dict, new_run_dir
 
 __all__ = ["SearchResult", "search", "resume"]
 
@@ -41,19 +47,21 @@ def search(spec: Spec, address: str | None = None, tracking_uri: str | None = No
     cluster.connect(address)
     cluster.check_storage(spec.search.storage_path)
     exp_dir = _new_experiment_dir(spec, uri)
-    return _run(spec, exp_dir, uri, restore=False)
+    with _locked(exp_dir):
+        return _run(spec, exp_dir, uri, restore=False)
 
 
 def resume(path: str | Path, address: str | None = None) -> tuple[SearchResult, Spec]:
     """Continue an interrupted search: finished trials stay, unfinished and errored ones
     resume from their checkpoints, the searcher keeps its Optuna study, the runs their MLflow runs."""
     exp_dir, spec, uri = _open_experiment_dir(path)
-    if uri:
-        runs.check_reachable(uri)
-    cluster.connect(address)
-    cluster.check_storage(str(exp_dir.parent))
-    print(f"resuming search {spec.name} from {exp_dir}", flush=True)
-    return _run(spec, exp_dir, uri, restore=True), spec
+    with _locked(exp_dir):
+        if uri:
+            runs.check_reachable(uri)
+        cluster.connect(address)
+        cluster.check_storage(str(exp_dir.parent))
+        print(f"resuming search {spec.name} from {exp_dir}", flush=True)
+        return _run(spec, exp_dir, uri, restore=True), spec
 
 
 def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
@@ -66,7 +74,7 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
             grid = tuner.restore(exp_dir, spec, splits).fit()
         else:
             grid = tuner.create(spec, exp_dir, splits, callbacks=[tracker] if tracker else []).fit()
-    rules = selection.rules_for(spec, int(splits.train.y.max()) + 1)
+    rules = selection.rules_for(spec, splits.num_classes)
     res = results.collect(spec, exp_dir, grid, rules)
     if len(res.front):  # the trials' latencies are provisional: time the front quietly, recompute it
         res = quiet.remeasure(res, spec, models.calibration_images(spec, splits))
@@ -111,9 +119,8 @@ def _register(tracker: tracking.MlflowTracking, res: SearchResult, grid, spec: S
 
 def _new_experiment_dir(spec: Spec, uri: str) -> Path:
     """``storage_path/<name>-<time>`` with the spec and the tracking URI that resume reads back."""
-    exp_dir = Path(spec.search.storage_path) / (jobs.chosen_dir_name(spec.search.storage_path)
-                                               or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    exp_dir.mkdir(parents=True, exist_ok=True)
+    name = jobs.chosen_dir_name() or spec.run_name()
+    exp_dir = new_run_dir(spec.search.storage_path, name)
     (exp_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
     (exp_dir / TRACKING_FILE).write_text(uri)
     q = spec.search
@@ -124,12 +131,34 @@ def _new_experiment_dir(spec: Spec, uri: str) -> Path:
     return exp_dir
 
 
+@contextlib.contextmanager
+def _locked(exp_dir: Path) -> Iterator[None]:
+    """Hold the search directory for this process. A second search or resume of it while this
+    one lives is refused, naming this one's pid and host; the lock goes with this process
+    however it ends (``flock``), so a killed search leaves none behind."""
+    fd = os.open(exp_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise SearchLocked(f"{exp_dir} is in use by a live search ({owner}); let it finish or stop it, then "
+                           f"`prunetune resume {exp_dir}`") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+              .encode(), 0)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def _open_experiment_dir(path: str | Path) -> tuple[Path, Spec, str]:
     """The directory of an earlier search: its spec and its tracking URI ("" if it had none)."""
     exp_dir = Path(path).resolve()
     spec_file = exp_dir / SPEC_FILE
     if not spec_file.is_file():
-        raise FileNotFoundError(f"{exp_dir} is not a prunetune search directory (no {SPEC_FILE}); "
+        raise NotFound(f"{exp_dir} is not a prunetune search directory (no {SPEC_FILE}); "
                                 "pass the directory `prunetune search` printed")
     spec = from_dict(json.loads(spec_file.read_text()), source=str(spec_file))
     uri = (exp_dir / TRACKING_FILE).read_text().strip() if (exp_dir / TRACKING_FILE).is_file() else ""

@@ -32,10 +32,6 @@ if TYPE_CHECKING:
 ALIASES = ("best-accuracy", "fastest", "knee", "pick")
 
 
-class NoFeasiblePoint(LookupError):
-    """No point meets the budgets; the message names the closest ones."""
-
-
 @dataclass(frozen=True)
 class Rules:
     """What decides which points may be shipped and which is picked."""

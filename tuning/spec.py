@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import secrets
+import time
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -22,15 +25,12 @@ from typing import Any, Literal, get_args, get_origin
 
 from trainables import compress
 from trainables.data import DataConfig
+from trainables.errors import SpecError
 from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
 from tuning.pareto import Objective
 
 __all__ = ["Spec", "SpecError", "load", "from_dict", "replace", "parse_override", "parse_ratios"]
-
-
-class SpecError(ValueError):
-    """A problem in an experiment file; the message names the key and the fix."""
 
 
 @dataclass
@@ -81,17 +81,31 @@ class Spec:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     source: str = "<dict>"  # the file it came from, for messages
+    # what the file and its overrides stated ("section.key"; the rest are defaults), and which of the
+    # path keys were relative before they were resolved against the working directory: a submitted
+    # job resolves them elsewhere (prunetune submit refuses them)
+    given: frozenset[str] = frozenset()
+    relative: frozenset[str] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (TOML/JSON-able), the inverse of :func:`from_dict`."""
         d = dataclasses.asdict(self)
-        d.pop("source")
+        for key in ("source", "given", "relative"):
+            d.pop(key)
         d["search"]["objectives"] = [str(o) for o in self.search.objectives]
         return d
+
+    def run_name(self) -> str:
+        """The directory name of one search of this spec: ``<name>-<run_stamp()>``."""
+        return f"{self.name}-{run_stamp()}"
 
 
 _SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "sweep": SweepConfig, "search": SearchConfig}
 _ROOT_KEYS = {"name"}
+# Number keys where inf means "none" (a budget); every other number must be finite, and no number NaN.
+_INF_ALLOWED = {"max_latency_ms", "max_accuracy_drop"}
+# An experiment's name names an MLflow experiment and registered model, directories and tag filters.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Keys holding filesystem paths: relative ones are resolved against the working directory
 # at load time, so Ray workers (which run elsewhere) get absolute paths.
 _PATH_KEYS = {("data", "path"), ("data", "root"), ("train", "output_dir"), ("search", "storage_path")}
@@ -120,6 +134,10 @@ def _check_value(where: str, tp: Any, value: Any) -> Any:
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value) and not (value == math.inf and where.rsplit(" ", 1)[-1] in _INF_ALLOWED):
+            raise SpecError(f"{where} must be a finite number, got {value}" +
+                            (" (inf is allowed for the budgets only: max_latency_ms, max_accuracy_drop)"
+                             if value == math.inf else ""))
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif tp is Objective:
@@ -158,12 +176,17 @@ def _validate_ranges(spec: Spec) -> None:
         if not cond:
             raise SpecError(f"{src}: {msg}")
 
+    need(bool(_NAME.fullmatch(spec.name)), f"name {spec.name!r} must be 1-64 letters, digits, '_', '.' or '-', "
+         "starting with a letter or digit (it names the MLflow experiment, the registered model and the results "
+         "directory), e.g. name = \"cifar10-channel\"")
     need(0.0 < d.val_fraction < 1.0, f"[data] val_fraction must be in (0, 1), got {d.val_fraction}")
     need(d.train_size >= 0 and d.test_size >= 0, "[data] train_size and test_size must be >= 0 (0 = all)")
     need(d.dataset != "npz" or bool(d.path), "[data] dataset = 'npz' needs path = 'FILE.npz'")
     need(t.epochs >= 1, f"[train] epochs must be >= 1, got {t.epochs}")
     need(t.batch_size >= 1 and t.eval_batch_size >= 1, "[train] batch sizes must be >= 1")
     need(t.lr > 0, f"[train] lr must be > 0, got {t.lr}")
+    need(t.momentum >= 0 and t.weight_decay >= 0, f"[train] momentum and weight_decay must be >= 0, got "
+         f"{t.momentum} and {t.weight_decay}")
     need(t.threads >= 0, "[train] threads must be >= 0 (0 = torch's default)")
     need(0.0 <= t.label_smoothing < 1.0, "[train] label_smoothing must be in [0, 1)")
     need(bool(s.ratios), "[sweep] ratios must not be empty")
@@ -183,7 +206,13 @@ def _validate_ranges(spec: Spec) -> None:
          "runtime = 'onnxruntime' INT8 comes from ONNX Runtime's static quantization: use int8_mode = 'ptq'")
     need(s.round_to >= 1, f"[sweep] round_to must be >= 1 (1 = no rounding), got {s.round_to}")
     need(s.latency_runs >= 1 and s.latency_threads >= 1, "[sweep] latency_runs and latency_threads must be >= 1")
+    need(s.latency_warmup >= 0, f"[sweep] latency_warmup must be >= 0, got {s.latency_warmup}")
+    need(s.calibration_size >= 1, f"[sweep] calibration_size must be >= 1 (training images INT8 is calibrated "
+         f"on), got {s.calibration_size}")
+    need(s.eval_size >= 0, f"[sweep] eval_size must be >= 0 (0 = every validation / test image), got {s.eval_size}")
     need(q.num_samples >= 1, "[search] num_samples must be >= 1")
+    need(q.max_failures >= 0, f"[search] max_failures must be >= 0 (retries of a trial whose worker died), got "
+         f"{q.max_failures}")
     need(q.min_accuracy < 1.0, f"[search] min_accuracy must be < 1 (< 0: twice chance), got {q.min_accuracy}")
     need(q.max_latency_ms > 0 and q.max_accuracy_drop >= 0, "[search] max_latency_ms must be > 0 and "
          "max_accuracy_drop >= 0 (inf: no budget), e.g. max_latency_ms = 5.0, max_accuracy_drop = 0.01")
@@ -196,6 +225,27 @@ def _validate_ranges(spec: Spec) -> None:
     need(q.cpus_per_trial > 0 and q.gpus_per_trial >= 0, "[search] cpus_per_trial must be > 0, gpus_per_trial >= 0")
     need(q.sampler != "grid" or bool(q.grid_lrs), "[search] sampler = 'grid' needs grid_lrs = [...]")
     need(bool(q.objectives), "[search] objectives must not be empty")
+    metrics = [o.metric for o in q.objectives]
+    need("test_accuracy" not in metrics, "[search] objectives: test_accuracy is reported, never tuned on (a search "
+         "that optimises it reports a biased test accuracy); use accuracy:max (the validation split)")
+    need(len(set(metrics)) == len(metrics), f"[search] objectives name a metric twice: {metrics}")
+
+
+def run_stamp() -> str:
+    """A name for one run's directory, unique even for runs started in the same second:
+    ``YYYYmmdd-HHMMSS-xxxxxx`` (6 random hex digits)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def new_run_dir(parent: str | Path, name: str) -> Path:
+    """Create ``parent/name`` and return it; refuses one that exists (another run's)."""
+    path = Path(parent) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise SpecError(f"{path} already exists: another run started there; start again") from None
+    return path
 
 
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
@@ -209,11 +259,17 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
         else:
             allowed = sorted(_ROOT_KEYS) + [f"[{s}]" for s in _SECTIONS]
             raise SpecError(f"{source}: unknown top-level key '{key}'; allowed: {', '.join(allowed)}")
-    spec = Spec(source=source, **kwargs)
+    given = frozenset(f"{s}.{k}" for s, table in raw.items() if s in _SECTIONS and isinstance(table, dict)
+                      for k in table)
+    spec = Spec(source=source, given=given, **kwargs)
+    relative = set()
     for section, key in _PATH_KEYS:
-        sec = getattr(spec, section)
-        if getattr(sec, key) and "://" not in getattr(sec, key):  # URIs (s3://...) stay as they are
-            setattr(sec, key, str(Path(getattr(sec, key)).expanduser().resolve()))
+        sec, value = getattr(spec, section), getattr(getattr(spec, section), key)
+        if value and "://" not in value:  # URIs (s3://...) stay as they are
+            if not Path(value).expanduser().is_absolute():
+                relative.add(f"{section}.{key}")
+            setattr(sec, key, str(Path(value).expanduser().resolve()))
+    spec.relative = frozenset(relative)
     _validate_ranges(spec)
     return spec
 
