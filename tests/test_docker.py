@@ -98,7 +98,14 @@ def test_compose_services_and_commands(compose):
     env = services["ray-head"]["environment"]
     assert port_of(env["MLFLOW_TRACKING_URI"]) == int(server["--port"]) == cli._parser().parse_args(["ui"]).port
     assert env["MLFLOW_TRACKING_URI"].startswith("http://mlflow:")
-    assert "mlflow:5000" in server["--allowed-hosts"].split(",")
+    # the Host headers MLflow answers come from a variable `mlflow server` reads for --allowed-hosts, with a
+    # default for compose's own network and one the cluster launcher's users extend with the head's address
+    allowed = services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"]
+    assert mlflow_server_envvars()["MLFLOW_SERVER_ALLOWED_HOSTS"] == "--allowed-hosts" and "--allowed-hosts" not in server
+    variable, default = re.fullmatch(r"\$\{(\w+):-(.+)\}", allowed).groups()
+    assert "mlflow:5000" in default.split(",") and "localhost:5000" in default.split(",")
+    assert f"export {variable}=" in (DOCKER / "ray-cluster.yaml").read_text() and "HEAD_IP:5000" in (
+        DOCKER / "ray-cluster.yaml").read_text()
 
 
 def test_compose_postgres_backend_and_healthchecks(compose):
@@ -197,6 +204,15 @@ def test_cluster_launcher_matches_compose(compose, cluster_yaml):
     storage = compose["services"]["ray-head"]["environment"]["PRUNETUNE_STORAGE_PATH"]
     assert f":{storage}" in opts and f"PRUNETUNE_STORAGE_PATH={storage}" in opts and "--gpus all" in opts
     assert "RAY_AUTH_MODE=token" in opts
+    # the launcher passes run_options as written: a ${VARIABLE} of the user's shell would reach docker unexpanded
+    assert "${" not in opts and "$(" not in opts
+    # the Ray token travels as a file, to the path Ray reads it from on every node
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    default = "~/" + str(_get_default_token_path().relative_to(Path.home()))
+    assert cluster_yaml["file_mounts"] == {default: default}
+    # the data a submitted search reads (README: --set data.root=/shared/data/...) is mounted like the results
+    assert "/shared/data" in compose["x-prunetune"]["volumes"][1] and ":/shared/data" in opts
 
 
 def test_dockerfile_pins_and_user():
