@@ -22,5 +22,5 @@ test: $(BIN)/.installed
 test-fast: $(BIN)/.installed  # everything but the tests marked slow (clusters, servers, browser, kill/resume, searches)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-clean:
-	rm -rf $(VENV) runs ray_results mlflow.db mlartifacts .pytest_cache
+clean:  # build output only: your results (runs/, ray_results/, mlflow.db, mlruns/) are yours to delete
+	rm -rf $(VENV) .pytest_cache *.egg-info
