@@ -38,7 +38,10 @@ def prunetune_here(*args: str, env: dict | None = None, cwd: Path | None = None)
             os.environ.update(env)
         os.chdir(cwd or REPO)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli.main(list(args))
+            try:
+                code = cli.main(list(args))
+            except SystemExit as e:  # argparse refusing an argument
+                code = e.code
     finally:
         os.environ.clear()
         os.environ.update(saved_env)

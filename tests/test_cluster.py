@@ -21,6 +21,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from trainables.names import CREDENTIALS_FILE
+
 from conftest import REPO, prunetune, write_spec
 from servers import MlflowServer, RayCluster, wait_for
 
@@ -107,6 +109,10 @@ def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, auth_mlflow,
     for text in [out, again.stdout + again.stderr, auth_mlflow.log.read_text(),
                  *(f.read_text(errors="replace") for f in logs)]:
         assert password not in text
+    # and in no file of the session: the driver deleted its copy, and its trials (on both nodes) were not
+    # handed the uploaded working directory that carried them
+    session = driver_log.parents[1]
+    assert not [f for f in session.rglob(CREDENTIALS_FILE)], list(session.rglob(CREDENTIALS_FILE))
 
 
 def test_lost_worker_node_trial_continues_from_its_checkpoint_driver_through_ray_client(cluster, mlflow, tmp_path):

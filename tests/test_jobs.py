@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import prunetune_here
-from trainables.names import CREDENTIALS_FILE, SPEC_FILE
+from trainables.names import CREDENTIALS_FILE
 from tuning import jobs
 
 
@@ -43,8 +43,21 @@ def test_submit_refuses_a_relative_storage_path_before_contacting_the_cluster(tm
     r = prunetune_here("submit", str(spec), *args, "--address", "http://127.0.0.1:1", "--tracking-uri",
                        "http://mlflow:5000")
     assert r.returncode == 2, r.stderr
-    assert "is not an absolute path" in r.stderr and "Ray deletes" in r.stderr
+    assert "search.storage_path is a relative path (as given)" in r.stderr and "Ray deletes" in r.stderr
     assert "--set search.storage_path=/shared/ray_results" in r.stderr and "PRUNETUNE_STORAGE_PATH" in r.stderr
+
+
+@pytest.mark.parametrize("data, key", [
+    ('dataset = "cifar10"', "data.root"),  # the default root, data/cifar10, is relative
+    ('dataset = "npz"\npath = "mine.npz"', "data.path"),
+])
+def test_submit_refuses_a_relative_data_path_before_contacting_the_cluster(tmp_path, data, key):
+    spec = tmp_path / "s.toml"
+    spec.write_text(f'[data]\n{data}\n')
+    r = prunetune_here("submit", str(spec), "--address", "http://127.0.0.1:1", "--tracking-uri", "http://mlflow:5000")
+    assert r.returncode == 2, r.stderr
+    assert f"{key} is a relative path" in r.stderr and "Ray deletes" in r.stderr and f"--set {key}=/shared/" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_submit_refuses_credentials_in_the_tracking_uri(tmp_path):
@@ -97,10 +110,17 @@ def test_outside_a_job_nothing_happens(tmp_path, monkeypatch):
 
 def test_the_experiment_directory_submit_chose(tmp_path, monkeypatch):
     monkeypatch.delenv(jobs.EXPERIMENT_DIR_ENV, raising=False)
-    assert jobs.chosen_dir_name(str(tmp_path)) is None  # not submitted: search names it
-    monkeypatch.setenv(jobs.EXPERIMENT_DIR_ENV, "q-20261125-101010")
-    assert jobs.chosen_dir_name(str(tmp_path)) == "q-20261125-101010"
-    (tmp_path / "q-20261125-101010").mkdir()
-    (tmp_path / "q-20261125-101010" / SPEC_FILE).write_text("{}")
-    with pytest.raises(jobs.SubmitError, match="already holds a search"):
-        jobs.chosen_dir_name(str(tmp_path))
+    assert jobs.chosen_dir_name() is None  # not submitted: search names it
+    monkeypatch.setenv(jobs.EXPERIMENT_DIR_ENV, "q-20261125-101010-ab12")
+    assert jobs.chosen_dir_name() == "q-20261125-101010-ab12"
+
+
+def test_trials_of_a_job_do_not_inherit_its_working_directory(tmp_path, monkeypatch):
+    """The working directory submit uploaded held the MLflow credentials: the runtime env the
+    driver hands its trials (Ray's job config, read by ray.init) no longer names it."""
+    config = {"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip", "env_vars": {"A": "1"}}, "metadata": {}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    jobs.leave_job_dir(str(tmp_path / "results"))
+    assert json.loads(os.environ["RAY_JOB_CONFIG_JSON_ENV_VAR"]) == {"runtime_env": {"env_vars": {"A": "1"}},
+                                                                     "metadata": {}}

@@ -108,10 +108,10 @@ def test_storage_path_default_from_env_and_uris_refused(tmp_path, monkeypatch):
 
 
 def test_objectives_are_parsed_on_load_and_written_back(tmp_path):
-    spec = spec_mod.load(write(tmp_path, '[search]\nobjectives = ["test_accuracy:max", "size_mb:min"]\n'))
-    assert spec.search.objectives == [("test_accuracy", "max"), ("size_mb", "min")]
+    spec = spec_mod.load(write(tmp_path, '[search]\nobjectives = ["accuracy:max", "size_mb:min"]\n'))
+    assert spec.search.objectives == [("accuracy", "max"), ("size_mb", "min")]
     assert spec.search.objectives[1].metric == "size_mb" and spec.search.objectives[1].mode == "min"
-    assert spec.to_dict()["search"]["objectives"] == ["test_accuracy:max", "size_mb:min"]
+    assert spec.to_dict()["search"]["objectives"] == ["accuracy:max", "size_mb:min"]
     with pytest.raises(SpecError, match=r"\[search\] objectives\[0\]: objective 'speed:max' must be METRIC:max"):
         spec_mod.load(write(tmp_path, '[search]\nobjectives = ["speed:max"]\n'))
 
