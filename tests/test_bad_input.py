@@ -269,6 +269,31 @@ def test_a_model_version_prunetune_did_not_register(tmp_path):
     one_clear_line(r, 2, "models:/foreign@pick is not a version prunetune registered", "trial_run_id")
 
 
+def test_pareto_and_the_aliases_name_the_same_search_or_say_so(tmp_path):
+    """Two searches of one experiment that overlap: the one that started first ended last (it set
+    the aliases last). `pareto` reads that one, and names an alias another search set."""
+    from mlflow import MlflowClient
+
+    from tuning import registry, runs
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("x", artifact_location=str(tmp_path / "art"))
+    first = client.create_run(exp, start_time=1_000, tags={"prunetune.kind": "search"}).info.run_id
+    second = client.create_run(exp, start_time=2_000, tags={"prunetune.kind": "search"}).info.run_id
+    client.set_terminated(second, "FINISHED", end_time=3_000)
+    client.set_terminated(first, "FINISHED", end_time=4_000)
+    assert runs.latest_search(client, "x").info.run_id == first
+    client.create_registered_model("x")
+    mine = client.create_model_version("x", source=str(tmp_path), run_id=first).version
+    theirs = client.create_model_version("x", source=str(tmp_path), run_id=second).version
+    client.set_registered_model_alias("x", "knee", mine)
+    client.set_registered_model_alias("x", "pick", theirs)
+    assert registry.elsewhere(uri, "x", first) == [
+        f"note: models:/x@pick is version {theirs} of another search (parent run {second}), not of this one"]
+    assert registry.elsewhere(uri, "x", second)[0].startswith(f"note: models:/x@knee is version {mine}")
+
+
 BAD_INPUTS += ["train --resume with another [data]", "two runs in the same second", "a second live search",
                "credentials in a tracking URI", "a relative sqlite store", "pareto --max-latency-ms nan",
                "a model version prunetune did not register"]
