@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch_pruning as tp
 
+from trainables import measure
 from trainables.compress import make_permanent, prune, quantize_int8
 from trainables.measure import (
     cpu_latency,
@@ -110,7 +111,8 @@ def test_cpu_latency_reports_and_restores_threads(dense):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
-    assert set(result) == {"latency_ms", "latency_p90_ms", "latency_cv", "threads", "runs", "cpu"}
+    assert set(result) == {"latency_ms", "latency_p90_ms", "latency_cv", "threads", "runs", "cpu", "cpu_flags"}
+    assert set(result["cpu_flags"].split()) <= set(measure.ISA_FLAGS)
     assert result["threads"] == 1 and result["runs"] == 5 and result["cpu"]
     assert 0 < result["latency_ms"] <= result["latency_p90_ms"]
     assert result["latency_cv"] >= 0

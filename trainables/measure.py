@@ -6,6 +6,7 @@ Models may carry prune masks (``weight_orig`` + ``weight_mask``) or be INT8 mode
 """
 from __future__ import annotations
 
+import functools
 import io
 import platform
 import statistics
@@ -189,10 +190,10 @@ def interleaved_latency(
 
 def _forward(model: nn.Module | OrtModel, batch_size: int) -> Callable[[], object]:
     """One inference of ``model`` on a fixed random batch, as a call."""
-    inputs = torch.randn(batch_size, *_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     if isinstance(model, OrtModel):
-        feed = {OrtModel.INPUT: inputs.numpy()}
+        feed = model.feed(batch_size)
         return lambda: model.session.run(None, feed)
+    inputs = torch.randn(batch_size, *_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
     timed = clone(model).cpu().eval().to(memory_format=torch.contiguous_format)  # the layout that ships
     return lambda: timed(inputs)
 
@@ -207,6 +208,7 @@ def _stats(seconds: list[float], threads: int) -> dict:
         "threads": threads,
         "runs": len(ms),
         "cpu": _cpu_name(),
+        "cpu_flags": cpu_flags(),
     }
 
 
@@ -245,6 +247,30 @@ def _weight(module: nn.Module) -> torch.Tensor:
 
 def _dequantized(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.dequantize() if tensor.is_quantized else tensor
+
+
+# The CPU features that change a CPU latency, and for INT8 even the accuracy (8-bit dot products
+# saturate on x86 without VNNI): recorded beside every latency.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.cache
+def cpu_flags() -> str:
+    """The :data:`ISA_FLAGS` this CPU has, space-separated ("" if none, or not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return " ".join(f for f in ISA_FLAGS if f in have)
+    except OSError:
+        pass
+    return ""
+
+
+def has_vnni() -> bool:
+    """Whether this CPU multiplies 8-bit integers without saturating (AVX-512 VNNI, AVX-VNNI or AMX)."""
+    return any(f in cpu_flags().split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def _cpu_name() -> str:

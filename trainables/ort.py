@@ -1,38 +1,56 @@
-"""ONNX Runtime as the latency target: export a compressed model, quantize it with ORT's own
-static INT8, time and evaluate it in an ``InferenceSession``.
+"""ONNX Runtime, where models ship: export, INT8, the classifier users call, its session.
 
-Most CPU deployments run ONNX Runtime, not PyTorch eager, and the two price the same network
-differently (ORT fuses conv + BN + ReLU and picks its own kernels), so a front measured in eager
-mode ranks models for a runtime nobody ships. With ``[sweep] runtime = "onnxruntime"`` every
-point is exported with :func:`export`, INT8 points come from :func:`quantize` (QDQ, per-channel
-symmetric INT8 weights, UINT8 activations calibrated on training images: ORT's tooling on top of
-any pruning method, not ``torch.ao``), and accuracy and latency are measured by running that
-same ONNX model. The session runs like a deployment: ``intra_op_num_threads`` fixed, sequential
-execution, every graph optimisation on.
+A deployable point is a file: the ONNX classifier built here, measured (accuracy, latency)
+by running that very file in an ONNX Runtime session, and then registered, served and
+exported as those bytes (``OrtModel.sha256`` names them). Its graph:
+
+- :func:`export_core`: the network (fp32, masks baked in) -> ONNX with ``torch.onnx.export``'s
+  ``torch.export``-based exporter (the TorchScript-based one is deprecated): input ``image``
+  (normalised float NCHW), output ``logits``, a dynamic batch axis;
+- :func:`quantize_core`: ONNX Runtime's static INT8 of that graph (QDQ, per-channel weights,
+  ranges calibrated on training images) in one of the schemes of :data:`INT8_SCHEMES`;
+- :func:`classifier`: the core with the preprocessing in front (``images``: uint8
+  ``batch x H x W x 3`` as decoded, the training normalisation inside) and ``label``,
+  ``probabilities`` and ``class`` (the class name) behind.
+
+The session runs like a deployment: ``intra_op_num_threads`` fixed, sequential execution,
+every graph optimisation on, the CPU execution provider.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import os
 import tempfile
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from trainables.data import MEAN, STD, Split
 from trainables.errors import OrtError
-from trainables.data import Split, normalize
 
-INPUT, OUTPUT = "image", "logits"
+INPUT, OUTPUT = "image", "logits"  # the core network's
+IMAGES, LABEL, PROBABILITIES, CLASS = "images", "label", "probabilities", "class"  # the classifier's
+
+# ORT static INT8 schemes: activation type, weight type, reduce_range (7-bit weights). x86 CPUs
+# without VNNI multiply u8 x s8 with VPMADDUBSW, whose 16-bit sums saturate: "u8s8" (ORT's
+# default types) lost 15 points on such a CPU. "s8s8" is what ORT's documentation recommends
+# first; "u8s8-7bit" is the 7-bit-weight workaround (OpenVINO's, and PyTorch's x86 default).
+# The default is chosen by measurement: experiments/bench_int8.py, BENCHMARKS.md.
+INT8_SCHEMES = {"s8s8": ("QInt8", "QInt8", False), "u8s8": ("QUInt8", "QInt8", False),
+                "u8s8-7bit": ("QUInt8", "QInt8", True)}
+INT8_SCHEME = "s8s8"
 
 
 class OrtModel:
-    """A serialised ONNX model and a CPU session over it."""
-
-    INPUT = INPUT
+    """A serialised ONNX model and a CPU session over it. For a :func:`classifier` (what ships)
+    :meth:`predict` and :meth:`evaluate` feed it uint8 images as decoded."""
 
     def __init__(self, onnx_bytes: bytes, threads: int = 1, name: str = "model") -> None:
         import onnxruntime as ort
@@ -48,18 +66,35 @@ class OrtModel:
             self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # InvalidGraph, NotImplemented (an operator ORT lacks), ...
             raise OrtError(f"ONNX Runtime cannot load {name}: {_first_line(e)}") from None
+        first = self.session.get_inputs()[0]
+        self.input, self.input_shape = first.name, first.shape
+        self.uint8 = first.type == "tensor(uint8)"
 
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        """Logits of a float, normalised NCHW batch."""
-        return self.session.run(None, {INPUT: x.detach().cpu().numpy().astype(np.float32, copy=False)})[0]
+    @property
+    def sha256(self) -> str:
+        """What names these bytes: the registry, export and verification compare it."""
+        return hashlib.sha256(self.onnx_bytes).hexdigest()
 
-    def evaluate(self, split: Split, batch_size: int = 256) -> float:
-        """Top-1 accuracy (0-1) on ``split``, run through this session."""
-        correct = 0
-        for i in range(0, len(split), batch_size):
-            x, y = normalize(split.x[i : i + batch_size].cpu()), split.y[i : i + batch_size].cpu().numpy()
-            correct += int((self(x).argmax(1) == y).sum())
-        return correct / max(len(split), 1)
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Labels of uint8 images (``N x H x W x 3``), run through this classifier's session."""
+        if not self.uint8:
+            raise OrtError(f"{self.name} is not a classifier of uint8 images (its input is {self.input})")
+        out = [self.session.run([LABEL], {self.input: images[i : i + batch_size]})[0]
+               for i in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def evaluate(self, split: Split) -> tuple[float, np.ndarray]:
+        """Top-1 accuracy (0-1) on ``split`` (uint8 NCHW as the data keeps it) and the labels it gave."""
+        labels = self.predict(split.x.permute(0, 2, 3, 1).contiguous().cpu().numpy())
+        return float((labels == split.y.cpu().numpy()).mean()) if len(labels) else 0.0, labels
+
+    def feed(self, batch_size: int = 1) -> dict[str, np.ndarray]:
+        """A fixed random input batch of this model's input type and shape (for timing)."""
+        shape = [batch_size, *(d if isinstance(d, int) else 1 for d in self.input_shape[1:])]
+        rng = np.random.default_rng(0)
+        if self.uint8:
+            return {self.input: rng.integers(0, 256, shape, dtype=np.uint8)}
+        return {self.input: rng.standard_normal(shape, dtype=np.float32)}
 
     def latency(self, *, runs: int = 50, warmup: int = 10, batch_size: int = 1) -> dict:
         """:func:`trainables.measure.cpu_latency` of this session (its own thread count)."""
@@ -78,25 +113,33 @@ class OrtModel:
         Path(path).write_bytes(self.onnx_bytes)
 
 
-def export(model: nn.Module, threads: int = 1, name: str = "model") -> OrtModel:
-    """``model`` (fp32, masks baked in) -> ONNX with a dynamic batch axis, loaded in ORT."""
-    example = torch.zeros(1, 3, 32, 32)
-    buffer = io.BytesIO()
+def labels_digest(labels: np.ndarray) -> str:
+    """A short hash of a label sequence: two runs that gave the very same labels share it."""
+    return hashlib.sha256(np.asarray(labels, dtype="<i8").tobytes()).hexdigest()[:16]
+
+
+def export_core(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32), name: str = "model") -> bytes:
+    """``model`` (fp32, masks baked in, on any device) -> ONNX bytes with a dynamic batch axis,
+    exported with the ``torch.export``-based exporter."""
+    example = torch.zeros(1, *input_shape)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript-based exporter deprecation notes
-            torch.onnx.export(model.cpu().eval(), (example,), buffer, input_names=[INPUT], output_names=[OUTPUT],
-                              dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, dynamo=False)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model.cpu().eval(), (example,), dynamo=True, input_names=[INPUT],
+                                        output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                        verbose=False)
     except Exception as e:
         raise OrtError(f"cannot export {name} to ONNX: {_first_line(e)}") from None
-    return OrtModel(buffer.getvalue(), threads, name)
+    return program.model_proto.SerializeToString()
 
 
-def quantize(fp32: OrtModel, calibration: torch.Tensor, name: str = "model") -> OrtModel:
-    """ORT static INT8 of an exported fp32 model: QDQ format, per-channel symmetric INT8 weights,
-    UINT8 activations with MinMax ranges from ``calibration`` (float, normalised NCHW images)."""
+def quantize_core(core: bytes, calibration: torch.Tensor, name: str = "model", scheme: str = INT8_SCHEME) -> bytes:
+    """ORT static INT8 of an exported core: QDQ format, per-channel symmetric weights, MinMax
+    activation ranges from ``calibration`` (float, normalised NCHW images), types by ``scheme``."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    activations, weights, seven_bit = INT8_SCHEMES[scheme]
 
     class _Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -109,16 +152,69 @@ def quantize(fp32: OrtModel, calibration: torch.Tensor, name: str = "model") -> 
 
     with tempfile.TemporaryDirectory(prefix="prunetune-ort-") as d:
         raw, pre, out = (os.path.join(d, f) for f in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-        fp32.save(raw)
+        Path(raw).write_bytes(core)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 quant_pre_process(raw, pre, skip_symbolic_shape=True)
                 quantize_static(pre, out, _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                                activation_type=getattr(QuantType, activations), weight_type=getattr(QuantType, weights),
+                                reduce_range=seven_bit)
         except Exception as e:
             raise OrtError(f"ONNX Runtime cannot quantize {name}: {_first_line(e)}") from None
-        return OrtModel(Path(out).read_bytes(), fp32.threads, f"{name} (int8)")
+        return Path(out).read_bytes()
+
+
+def classifier(core: bytes, classes: Sequence[str], mean: Sequence[float] = MEAN,
+               std: Sequence[float] = STD) -> bytes:
+    """``core`` with the preprocessing in front and the answer behind: input ``images`` (uint8
+    ``batch x H x W x 3``, RGB as decoded), outputs ``label`` (int64), ``probabilities`` and
+    ``class`` (the label's name). The core graph is kept node for node (its names prefixed
+    ``core_``); ``mean`` and ``std`` are the training normalisation (0-1 scale)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load_from_string(core)
+    opsets = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    _, channels, height, width = (d.dim_value or "batch" for d in model.graph.input[0].type.tensor_type.shape.dim)
+
+    def graph_model(nodes, inputs, outputs, inits=()):
+        g = helper.make_graph(nodes, "io", inputs, outputs, initializer=list(inits))
+        return helper.make_model(g, opset_imports=opsets, ir_version=model.ir_version)
+
+    pre = graph_model([
+        helper.make_node("Cast", [IMAGES], ["pre_float"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", ["pre_float"], ["pre_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Sub", ["pre_nchw", "pre_mean"], ["pre_centred"]),
+        helper.make_node("Div", ["pre_centred", "pre_std"], ["pre_image"]),
+    ], [helper.make_tensor_value_info(IMAGES, TensorProto.UINT8, ["batch", height, width, channels])],
+        [helper.make_tensor_value_info("pre_image", TensorProto.FLOAT, ["batch", channels, height, width])],
+        [helper.make_tensor("pre_mean", TensorProto.FLOAT, [1, channels, 1, 1], [m * 255 for m in mean]),
+         helper.make_tensor("pre_std", TensorProto.FLOAT, [1, channels, 1, 1], [s * 255 for s in std])])
+    post = graph_model([
+        helper.make_node("Softmax", ["core_" + OUTPUT], [PROBABILITIES], axis=1),
+        helper.make_node("ArgMax", ["core_" + OUTPUT], [LABEL], axis=1, keepdims=0),
+        helper.make_node("Gather", ["post_names", LABEL], [CLASS], axis=0),
+    ], [helper.make_tensor_value_info("core_" + OUTPUT, TensorProto.FLOAT, ["batch", len(classes)])],
+        [helper.make_tensor_value_info(LABEL, TensorProto.INT64, ["batch"]),
+         helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, ["batch", len(classes)]),
+         helper.make_tensor_value_info(CLASS, TensorProto.STRING, ["batch"])],
+        [helper.make_tensor("post_names", TensorProto.STRING, [len(classes)], [c.encode() for c in classes])])
+    front = onnx.compose.merge_models(pre, model, io_map=[("pre_image", INPUT)], prefix2="core_")
+    whole = onnx.compose.merge_models(front, post, io_map=[("core_" + OUTPUT, "core_" + OUTPUT)])
+    onnx.checker.check_model(whole)
+    return whole.SerializeToString()
+
+
+def build(model: nn.Module, classes: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32), threads: int = 1,
+          name: str = "model", calibration: torch.Tensor | None = None) -> list[OrtModel]:
+    """The shipped classifiers of ``model`` (fp32, masks baked in): its fp32 one and, given
+    ``calibration`` images, its INT8 one, each loaded in a session of ``threads`` threads."""
+    core = export_core(model, input_shape, name)
+    out = [OrtModel(classifier(core, classes), threads, name)]
+    if calibration is not None:
+        out.append(OrtModel(classifier(quantize_core(core, calibration, name), classes), threads, f"{name} (int8)"))
+    return out
 
 
 def _first_line(e: Exception) -> str:
