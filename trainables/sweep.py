@@ -66,8 +66,16 @@ class SweepConfig:
 COLUMNS = [
     "method", "ratio", "int8", "finetune_epochs", "accuracy", "test_accuracy", "accuracy_no_finetune",
     "test_accuracy_no_finetune", "sparsity", "nonzero_params", "size_mb", "macs", "latency_ms",
-    "latency_p90_ms", "latency_cv", "latency_speedup", "throughput_ips", "arch", "cpu", "threads", "runtime", "error",
+    "latency_p90_ms", "latency_cv", "latency_speedup", "throughput_ips", "arch", "cpu", "cpu_flags", "threads",
+    "runtime", "runtime_version", "artifact", "artifact_sha256", "test_labels_sha256", "test_images", "error",
 ]
+
+
+@functools.cache
+def _version(runtime: str) -> str:
+    from importlib import metadata
+
+    return metadata.version("onnxruntime" if runtime == "onnxruntime" else "torch").split("+")[0]
 
 
 def point_key(method: str, ratio: float) -> str:
@@ -108,7 +116,13 @@ class _Shipped:
     int8: bool
     model: nn.Module  # fp32 or torch INT8; sparsity, nonzero parameters and MACs are read off it
     accuracy: tuple[float, float]
-    onnx: ort.OrtModel | None = None  # runtime = "onnxruntime": what is evaluated, timed and sized
+    onnx: ort.OrtModel | None = None  # runtime = "onnxruntime": the classifier evaluated, timed, sized and shipped
+    labels: str | None = None  # its test labels' digest (ort.labels_digest): what a verification compares
+
+
+def artifact_name(method: str, ratio: float, int8: bool) -> str:
+    """Where a deployable point's ONNX classifier is filed beside its trial's checkpoint."""
+    return f"points/{point_key(method, ratio)}{'-int8' if int8 else ''}.onnx"
 
 
 class _Sweep:
@@ -136,10 +150,8 @@ class _Sweep:
         device = self.splits.train.x.device
         return for_training(compress.clone(dense).to(device), device, self.train_cfg.amp).eval()
 
-    def accuracy(self, m: nn.Module | ort.OrtModel) -> tuple[float, float]:
-        """(validation, test) accuracy: torch fp32 on the sweep's device, INT8 and ORT on the CPU."""
-        if isinstance(m, ort.OrtModel):
-            return m.evaluate(self.val), m.evaluate(self.test)
+    def accuracy(self, m: nn.Module) -> tuple[float, float]:
+        """(validation, test) accuracy: torch fp32 on the sweep's device, INT8 on the CPU."""
         val, test = self._cpu_splits if compress.is_quantized(m) else (self.val, self.test)
         bs = self.train_cfg.eval_batch_size
         return evaluate(m, val, bs), evaluate(m, test, bs)
@@ -161,11 +173,14 @@ class _Sweep:
         return {"arch": key, **self.cache[key]}
 
     def describe(self, shipped: _Shipped, **known: Any) -> dict[str, Any]:
-        m = shipped.model
-        size = measure.size_mb(m) if shipped.onnx is None else shipped.onnx.size_mb()
-        return {**known, "int8": shipped.int8, "accuracy": shipped.accuracy[0], "test_accuracy": shipped.accuracy[1],
-                "sparsity": measure.sparsity(m), "nonzero_params": measure.nonzero_params(m), "size_mb": size,
-                "macs": measure.macs(m), **self.latency(shipped), "runtime": self.cfg.runtime}
+        m, onnx = shipped.model, shipped.onnx
+        row = {**known, "int8": shipped.int8, "accuracy": shipped.accuracy[0], "test_accuracy": shipped.accuracy[1],
+               "sparsity": measure.sparsity(m), "nonzero_params": measure.nonzero_params(m),
+               "size_mb": measure.size_mb(m) if onnx is None else onnx.size_mb(), "macs": measure.macs(m),
+               **self.latency(shipped), "runtime": self.cfg.runtime, "runtime_version": _version(self.cfg.runtime)}
+        if onnx is not None:
+            row.update(artifact_sha256=onnx.sha256, test_labels_sha256=shipped.labels, test_images=len(self.test))
+        return row
 
     def ship(self, fp32: nn.Module, accuracy: tuple[float, float], int8: Callable[[], nn.Module] | None,
              name: str) -> list[_Shipped]:
@@ -176,11 +191,13 @@ class _Sweep:
                 q = int8()
                 out.append(_Shipped(True, q, self.accuracy(q)))
             return out
-        onnx = ort.export(fp32, self.cfg.latency_threads, name)
-        out = [_Shipped(False, fp32, self.accuracy(onnx), onnx)]
-        if int8 is not None:
-            q = ort.quantize(onnx, self.calibration, name)
-            out.append(_Shipped(True, fp32, self.accuracy(q), q))
+        built = ort.build(fp32, self.splits.classes, input_shape=tuple(self.splits.train.x.shape[1:]),
+                          threads=self.cfg.latency_threads, name=name,
+                          calibration=self.calibration if int8 is not None else None)
+        out = []
+        for onnx, is_int8 in zip(built, (False, True)):
+            (val, _), (test, labels) = onnx.evaluate(self.val), onnx.evaluate(self.test)
+            out.append(_Shipped(is_int8, fp32, (val, test), onnx, ort.labels_digest(labels)))
         return out
 
     def variants(self, method: str, ratio: float) -> tuple[tuple[float, float], list[_Shipped]]:
@@ -209,7 +226,8 @@ class _Sweep:
             self._dense = out
         return before, out
 
-    def points(self, method: str, ratio: float, models_out: dict[str, nn.Module] | None = None) -> list[dict[str, Any]]:
+    def points(self, method: str, ratio: float, models_out: dict[str, nn.Module] | None = None,
+               artifacts_out: dict[str, ort.OrtModel] | None = None) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"method": method, "ratio": ratio, "finetune_epochs": self.cfg.finetune_epochs}
         try:
             before, variants = self.variants(method, ratio)
@@ -220,7 +238,13 @@ class _Sweep:
             row["accuracy_no_finetune"], row["test_accuracy_no_finetune"] = before
         if models_out is not None:
             models_out[point_key(method, ratio)] = variants[0].model
-        return [self.describe(v, **row) for v in variants]
+        rows = [self.describe(v, **row) for v in variants]
+        if artifacts_out is not None:
+            for v, r in zip(variants, rows):
+                if v.onnx is not None:
+                    r["artifact"] = artifact_name(method, ratio, v.int8)
+                    artifacts_out[r["artifact"]] = v.onnx
+        return rows
 
     def dense_latency(self) -> float:
         """Latency of the dense fp32 model in the sweep's runtime (the architecture, whatever its weights)."""
@@ -240,24 +264,30 @@ def run_sweep(
     progress: bool = True,
     on_point: Callable[[dict[str, Any]], None] | None = None,
     models_out: dict[str, nn.Module] | None = None,
+    artifacts_out: dict[str, ort.OrtModel] | None = None,
 ) -> pd.DataFrame:
     """Sweep ``cfg.methods`` x ``cfg.ratios`` (x INT8) over a trained dense ``model``.
 
     ``splits`` should be on the training device; evaluation stays there (INT8 models run on
     the CPU). ``train_cfg`` is the recipe used for fine-tuning (batch size, seed, ...).
     Returns one row per point with the columns of :data:`COLUMNS`. ``models_out`` receives each
-    point's shipped fp32 model under :func:`point_key` (fine-tuned, when ``finetune_epochs``).
+    point's shipped fp32 model under :func:`point_key` (fine-tuned, when ``finetune_epochs``);
+    ``artifacts_out`` (``runtime = "onnxruntime"``) each point's ONNX classifier, as measured,
+    under :func:`artifact_name` (the row's ``artifact``).
     """
     for m in cfg.methods:  # fail before any work
         compress.check_method(m)
     for r in cfg.ratios:
         compress.check_ratio(r)
+    if cfg.int8 and cfg.runtime == "torch" and progress:
+        print("sweep: INT8 in eager PyTorch is torch.ao.quantization's FX API, deprecated and being removed "
+              "(pytorch/ao#2259); --runtime onnxruntime measures INT8 as a search ships it", file=sys.stderr, flush=True)
     sweep = _Sweep(model, splits, cfg, train_cfg or TrainConfig(), {} if latency_cache is None else latency_cache)
     rows: list[dict[str, Any]] = []
     with _progress(len(cfg.methods) * len(cfg.ratios) * (2 if cfg.int8 else 1), progress) as bar:
         for method in cfg.methods:
             for ratio in cfg.ratios:
-                for point in sweep.points(method, ratio, models_out):
+                for point in sweep.points(method, ratio, models_out, artifacts_out):
                     rows.append(point)
                     if on_point is not None:
                         on_point(point)

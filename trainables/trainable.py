@@ -36,6 +36,7 @@ from ray import tune
 from trainables.data import Splits
 from trainables.names import (CHECKPOINT_FILE, DEPLOYABLE_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN,
                               CheckpointMeta)
+from trainables.ort import OrtModel
 from trainables.sweep import SweepConfig, run_sweep, table_to_json
 from trainables.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, scratch_dir
 from trainables.train import DeviceError, Diverged, TrainConfig, fit
@@ -115,19 +116,21 @@ def _resources(requested: str = "auto") -> tuple[int, torch.device]:
 
 
 def _sweep(model: torch.nn.Module, splits: Splits, cfg: SweepConfig, train_cfg: TrainConfig, cache: Any,
-           method: str, ratio: float, finetune_epochs: int, shipped: dict[str, torch.nn.Module]) -> pd.DataFrame:
-    """The trial's points: the cheap no-retrain curve over the ``[sweep]`` grid, and the
-    deployable ones: its own (method, ratio) pruned and fine-tuned with distillation from the
-    trained weights, beside the dense model given the same epochs (the equal-compute
-    reference), each in fp32 and, when ``[sweep] int8``, INT8. Without fine-tuning the
-    trial's own point is one more point of the curve. ``shipped`` receives the fine-tuned fp32
-    models (their weights exist nowhere else: registry and export load them from the checkpoint)."""
-    if not finetune_epochs:
-        grid = dataclasses.replace(cfg, ratios=sorted(set(cfg.ratios) | {ratio}))
-        return run_sweep(model, splits, grid, train_cfg, latency_cache=cache, progress=False)
-    curve = run_sweep(model, splits, cfg, train_cfg, latency_cache=cache, progress=False)
-    deployable = dataclasses.replace(cfg, methods=[method], ratios=sorted({0.0, ratio}), finetune_epochs=finetune_epochs)
-    points = run_sweep(model, splits, deployable, train_cfg, latency_cache=cache, progress=False, models_out=shipped)
+           method: str, ratio: float, finetune_epochs: int, shipped: dict[str, torch.nn.Module],
+           artifacts: dict[str, OrtModel]) -> pd.DataFrame:
+    """The trial's points: the cheap no-retrain curve over the ``[sweep]`` grid (fp32, in the
+    ``[sweep]`` runtime: it is not shipped), and the deployable ones: its own (method, ratio)
+    pruned and fine-tuned with distillation from the trained weights, beside the dense model given
+    the same epochs (the equal-compute reference), each built as the ONNX classifier that ships,
+    fp32 and, when ``[sweep] int8``, ONNX Runtime INT8, and measured as that very file.
+    ``artifacts`` receives those files' models, ``shipped`` the fine-tuned fp32 weights (for a
+    torch export of the point): both are filed beside the checkpoint."""
+    curve = run_sweep(model, splits, dataclasses.replace(cfg, int8=False), train_cfg, latency_cache=cache,
+                      progress=False)
+    deployable = dataclasses.replace(cfg, methods=[method], ratios=sorted({0.0, ratio}), finetune_epochs=finetune_epochs,
+                                     runtime="onnxruntime")
+    points = run_sweep(model, splits, deployable, train_cfg, latency_cache=cache, progress=False,
+                       models_out=shipped if finetune_epochs else None, artifacts_out=artifacts)
     return pd.concat([curve, points], ignore_index=True)
 
 
@@ -140,13 +143,14 @@ def _restored() -> dict[str, Any] | None:
         return load_checkpoint(Path(d) / CHECKPOINT_FILE)
 
 
-def _own_point(df: pd.DataFrame, method: str, ratio: float, int8: bool, epochs: int) -> dict[str, Any]:
-    """The trial's own point (fine-tuned ``epochs``; without [search] fine-tuning, the curve's
-    point), with the equal-compute dense accuracy an accuracy drop is measured against."""
-    rows = df[(df.method == method) & (df.ratio == ratio) & (df.int8 == int8) & (df.finetune_epochs == epochs)]
+def _own_point(df: pd.DataFrame, method: str, ratio: float, int8: bool) -> dict[str, Any]:
+    """The trial's own deployable point, with the equal-compute dense accuracy an accuracy drop
+    is measured against."""
+    built = df[df.artifact.notna()]
+    rows = built[(built.method == method) & (built.ratio == ratio) & (built.int8 == int8)]
     own = rows.iloc[0].to_dict()
     own.pop("method"), own.pop("ratio"), own.pop("int8")
-    dense = df[(df.ratio == 0.0) & ~df.int8 & (df.finetune_epochs == epochs)]
+    dense = built[(built.ratio == 0.0) & ~built.int8]
     own["dense_accuracy"] = float(dense.accuracy.max()) if len(dense) else None
     return own
 
@@ -195,16 +199,20 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
         cache: Any = _SharedCache(ray.get_actor(LATENCY_CACHE))
     except ValueError:
         cache = {}
-    epochs, shipped = spec["search"]["finetune_epochs"], {}
-    df = _sweep(model.eval(), splits, sweep_cfg, train_cfg, cache, method, ratio, epochs, shipped)
-    if shipped:  # next to the dense checkpoint, kept with it (the final report's checkpoint)
-        if not ckpt_path.is_file():  # trained before a restart: the dense weights came from the restored checkpoint
-            save_checkpoint(ckpt_path, resume)
+    epochs, shipped, artifacts = spec["search"]["finetune_epochs"], {}, {}
+    df = _sweep(model.eval(), splits, sweep_cfg, train_cfg, cache, method, ratio, epochs, shipped, artifacts)
+    # next to the dense checkpoint, kept with it (the final report's checkpoint)
+    if not ckpt_path.is_file():  # trained before a restart: the dense weights came from the restored checkpoint
+        save_checkpoint(ckpt_path, resume)
+    if shipped:
         torch.save({k: m.state_dict() for k, m in shipped.items()}, workdir / DEPLOYABLE_FILE)
-    own = _own_point(df, method, ratio, int8, epochs or sweep_cfg.finetune_epochs)
+    for name, onnx in artifacts.items():
+        (workdir / name).parent.mkdir(exist_ok=True)
+        onnx.save(workdir / name)
+    own = _own_point(df, method, ratio, int8)
     if device.type == "cuda":  # what the trial needed of its GPU share
         base["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
     tune.report({**base, **own, PHASE: DONE, "epoch": train_cfg.epochs, "val_accuracy": val_acc,
                  "method": method, "prune_ratio": ratio, "int8": int8, "trial_end": time.time(),
                  SWEEP_TABLE: table_to_json(df)},
-                checkpoint=tune.Checkpoint.from_directory(str(workdir)) if shipped else None)
+                checkpoint=tune.Checkpoint.from_directory(str(workdir)))

@@ -122,17 +122,18 @@ def sweep_evidence(table: pd.DataFrame, trial: dict[str, Any], space: Space, met
     """(params, objective values, row) for every point of a trial's sweep ``table`` that the search
     space can express and that measures what the trial's objective measures, except the trial's
     own point (Tune already told the study that one). ``trial``: its sampled ``lr``, ``method``,
-    ``prune_ratio`` and ``int8``, and its point's ``finetune_epochs``: a trial's objective is its
-    fine-tuned point, so the study learns only from the points fine-tuned alike (the dense one
+    ``prune_ratio`` and ``int8``: a trial's objective is its deployable point (built and measured
+    as the file that ships), so the study learns only from the points built alike (the dense one
     given the same epochs, the other INT8 variant), never from the no-retrain curve, whose
-    accuracy at a high ratio says little of what fine-tuning recovers there. ``curve``: take the
-    curve too, as if fine-tuned (``[search] feedback_curve``; see ``experiments/bench_search.py``)."""
+    accuracy at a high ratio says little of what fine-tuning recovers there and whose latency is
+    another runtime's. ``curve``: take the curve too, as if it were built (``[search]
+    feedback_curve``; see ``experiments/bench_search.py``)."""
     out = []
     own = (trial.get("method"), trial.get("prune_ratio"), bool(trial.get("int8", False)))
-    fidelity = trial.get("finetune_epochs", 0) or 0
     ratio_dist = space["prune_ratio"]
     for p in table.to_dict("records"):
-        if (p["method"], p["ratio"], bool(p["int8"])) == own or not (curve or (p.get("finetune_epochs", 0) or 0) == fidelity):
+        built = isinstance(p.get("artifact"), str)
+        if (built and (p["method"], p["ratio"], bool(p["int8"])) == own) or not (curve or built):
             continue
         if ("method" not in space and p["method"] != own[0]) or ("int8" not in space and p["int8"]):
             continue
