@@ -143,12 +143,14 @@ class RayCluster:
         self.nodes[manager_port] = self._node_id(manager_port)
         return self
 
-    def add_node(self, cpus: int = 1, private_dir: Path | None = None) -> str:
-        """Start one more node; with ``private_dir``, the node runs in its own mount namespace
-        with an empty tmpfs over that directory: a machine that does not share it."""
+    def add_node(self, cpus: int = 1, private_dir: Path | None = None, resources: dict | None = None) -> str:
+        """Start one more node (with custom ``resources``); with ``private_dir``, the node runs in its
+        own mount namespace with an empty tmpfs over that directory: a machine that does not share it."""
         manager_port = free_port()
         args = ["start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
                 "--num-gpus", "0", "--node-manager-port", str(manager_port)]
+        if resources:
+            args += ["--resources", json.dumps(resources)]
         if private_dir is None:
             self._ray(*args)
         else:

@@ -39,7 +39,7 @@ def cluster(tmp_path_factory):
     c.env.pop("PRUNETUNE_STORAGE_PATH", None)
     try:
         c.start(head_cpus=1)
-        c.add_node(cpus=1)
+        c.add_node(cpus=1, resources={"edge": 1})  # the node that stands for the deployment hardware
         yield c
     finally:
         c.stop()
@@ -70,7 +70,7 @@ def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, auth_mlflow,
     spec = write_spec(tmp_path / "submitted.toml", None, num_samples=2, epochs=1)
     env = {**cluster.env, **auth_mlflow.credentials}  # the credentials: submit's environment only
     r = prunetune("submit", str(spec), "--address", cluster.jobs_address, "--tracking-uri", auth_mlflow.url,
-                  "--follow", env=env)
+                  "--set", "search.latency_target=edge", "--follow", env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-5000:]
     assert "submitted Ray job raysubmit_" in r.stdout and "ray job logs raysubmit_" in r.stdout
@@ -86,6 +86,11 @@ def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, auth_mlflow,
     trials = pd.read_csv(results / "trials.csv", dtype={"trial_id": str})
     assert len(trials) == 2 and (trials.status == "done").all()
     assert set(trials.node_id) == set(cluster.nodes.values())  # one trial per node
+    # the front was timed and its artifacts checked on the node with the latency_target resource
+    edge = list(cluster.nodes.values())[1]
+    points = pd.read_csv(results / "all_points.csv", dtype={"trial_id": str})
+    assert set(points[points.latency_source == "quiet"].latency_node_id) == {edge}
+    assert points.target_test_accuracy.notna().any()
     shutil.rmtree(job_dir, ignore_errors=True)  # what Ray does to it: the results stay
     assert {"optuna.db", "trials.csv", "pareto.csv", "prunetune_spec.json"} <= {f.name for f in results.iterdir()}
     # the printed resume command (a Ray job too) finds them
@@ -113,6 +118,15 @@ def test_submit_runs_the_search_as_a_ray_job_on_both_nodes(cluster, auth_mlflow,
     # handed the uploaded working directory that carried them
     session = driver_log.parents[1]
     assert not [f for f in session.rglob(CREDENTIALS_FILE)], list(session.rglob(CREDENTIALS_FILE))
+
+
+def test_a_latency_target_no_node_has_stops_the_search_before_training(cluster, mlflow, tmp_path):
+    spec = write_spec(tmp_path / "target.toml", tmp_path / "rr", num_samples=1, epochs=1)
+    r = prunetune("search", str(spec), "--address", cluster.address, "--tracking-uri", mlflow.url,
+                  "--set", "search.latency_target=gpu-box", env=cluster.env)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "latency_target = 'gpu-box': no node of the cluster has that resource" in r.stderr
+    assert "custom resources here: edge" in r.stderr and "epoch" not in r.stdout
 
 
 def test_lost_worker_node_trial_continues_from_its_checkpoint_driver_through_ray_client(cluster, mlflow, tmp_path):

@@ -1,103 +1,162 @@
-"""Latency measured quiet: the front's architectures timed again with nothing else running.
+"""Latency measured quiet, where it runs: the front's artifacts timed again with nothing else running.
 
 A trial times each new architecture while other trials train on the same machine (and shares
 the figure through the latency cache), so its latencies are provisional: the quickstart's
-dense point had a CV of 0.23. Before the front is final and models are registered, every
-architecture on the candidate front (and the dense one, for the speed-ups) is re-derived from
-its trial's checkpoint and timed again in one Ray task that reserves every CPU of one node, so
-no trial or other task runs beside it: at least ``QUIET_RUNS`` timed runs each after warm-up,
-the models interleaved (:func:`trainables.measure.interleaved_latency`, so a drift of the
-machine shifts them all alike), on ``[sweep] latency_threads`` threads, in the search's runtime;
-an architecture whose CV stays above ``CV_TARGET`` is timed again (up to ``ATTEMPTS`` times, the
-steadiest kept). On a node with a GPU the task also holds one GPU and re-times GPU throughput.
-The front is then recomputed from these values, which may bring other architectures onto it:
-they are timed in the next round. Every point says where its latency came from
-(``latency_source``: ``trial`` or ``quiet``).
+dense point had a CV of 0.23. Before the front is final and models are registered, the
+artifacts on the candidate front (one per architecture, and the dense one, for the speed-ups)
+are timed again in one Ray task that reserves every CPU of one node, so no trial or other task
+runs beside it: at least ``QUIET_RUNS`` timed runs each after warm-up, interleaved
+(:func:`trainables.measure.interleaved_latency`: a drift of the machine shifts them all alike),
+on ``[sweep] latency_threads`` threads; an architecture whose CV stays above ``CV_TARGET`` is
+timed again (up to ``ATTEMPTS`` times, the steadiest kept). The same task runs every artifact
+on the front over the held-out test images and records what it gave there
+(``target_test_accuracy``, ``target_labels_match``): INT8 accuracy, too, depends on the CPU.
+
+The node is the one with the most CPUs, or with ``[search] latency_target`` (a Ray custom
+resource, ``ray start --resources '{"NAME": 1}'``) the one that stands for the hardware you
+deploy on. What the task measured is kept in the search directory (``quiet.json``): a second
+end phase (``prunetune resume`` of a finished search, a crash inside it) reuses it and times
+only what it lacks and can still read. The front is recomputed from these values, which may
+bring other architectures onto it: they are timed in the next round. Every point says where
+its latency came from (``latency_source``: ``trial`` or ``quiet``).
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-from trainables import measure
-from trainables.checkpoint import load_checkpoint, model_from_checkpoint
-from tuning import models, results
+from trainables import data, measure, ort
+from trainables.errors import ClusterError
+from tuning import results
 from tuning.results import LATENCY_QUIET, SearchResult
-from tuning.spec import Spec, from_dict
+from tuning.spec import Spec
 
 QUIET_RUNS = 100
 CV_TARGET = 0.05
 ATTEMPTS = 3
 ROUNDS = 5  # interleaving rounds per measurement
 TIMEOUT_S = 900  # a node that never frees up leaves the latencies provisional, with a warning
-_STATS = ("latency_ms", "latency_p90_ms", "latency_cv", "cpu", "threads")
+QUIET_FILE = "quiet.json"
+_STATS = ("latency_ms", "latency_p90_ms", "latency_cv", "cpu", "cpu_flags", "threads", "latency_node_id")
 
-Job = tuple[str, str, str, float, bool]  # (arch, checkpoint file, method, ratio, int8)
+Job = tuple[str, str, str]  # (what: "arch" or "check", its key, the artifact file)
 
 
-def remeasure(res: SearchResult, spec: Spec, calibration: torch.Tensor, max_rounds: int = 4) -> SearchResult:
-    """Time the front's architectures quietly (see the module docstring) and recompute the front."""
-    measured: dict[str, dict[str, Any]] = {}
+def remeasure(res: SearchResult, spec: Spec, test: data.Split, max_rounds: int = 4) -> SearchResult:
+    """Time the front's artifacts quietly and check them on the target (see the module docstring);
+    recompute the front."""
+    store = _load(res.path)
+    if store["latency"]:
+        res = _apply(res, spec, store)
     for _ in range(max_rounds):
-        jobs = _jobs(res, measured)
+        jobs = _jobs(res, store)
         if not jobs:
             break
-        print(f"quiet latency: timing {len(jobs)} architecture(s) of the front on a reserved node "
-              f"({max(QUIET_RUNS, spec.sweep.latency_runs)} runs each, {spec.sweep.runtime})", flush=True)
+        print(f"quiet latency: timing {sum(j[0] == 'arch' for j in jobs)} architecture(s) of the front and checking "
+              f"{sum(j[0] == 'check' for j in jobs)} artifact(s) on a reserved node "
+              f"({max(QUIET_RUNS, spec.sweep.latency_runs)} runs each, ONNX Runtime)", flush=True)
         try:
-            found = _time_on_a_quiet_node(jobs, spec, calibration)
+            found = _on_a_quiet_node(jobs, spec, test)
         except Exception as e:  # the node never freed up, a worker died: the search keeps its results
             print(f"prunetune: warning: the quiet latency re-measurement failed ({type(e).__name__}: "
                   f"{str(e).strip()[:200]}); the front keeps the trials' provisional latencies "
                   "(latency_source = trial)", flush=True)
             break
-        measured.update(found)
-        _apply(res.points, measured)
-        res = results.refresh(res, spec)
+        for part in ("latency", "checks"):
+            store[part].update(found[part])
+        (res.path / QUIET_FILE).write_text(json.dumps(store, indent=1))
+        res = _apply(res, spec, store)
     return res
 
 
-def _jobs(res: SearchResult, measured: dict[str, dict[str, Any]]) -> list[Job]:
-    """One job per architecture on the front (and the dense fp32 one) not yet measured quietly."""
-    checkpoints = res.checkpoints()
-    wanted = res.front
-    dense = res.points[(res.points.ratio == 0.0) & ~res.points.int8.astype(bool) & res.points.accuracy.notna()]
-    rows = pd.concat([wanted, dense.iloc[:1]])
-    jobs: dict[str, Job] = {}
-    for r in rows.itertuples():
-        if r.arch not in measured and r.arch not in jobs and r.trial_id in checkpoints:
-            jobs[r.arch] = (r.arch, str(checkpoints[r.trial_id]), r.method, float(r.ratio), bool(r.int8))
+def check_target(search: Any) -> None:
+    """Before any training: a ``[search] latency_target`` must name a resource some alive node has."""
+    import ray
+
+    if search.latency_target and not _target_nodes(search.latency_target):
+        have = sorted({r for n in ray.nodes() if n["Alive"] for r in n["Resources"]
+                       if r not in ("CPU", "GPU", "memory", "object_store_memory") and not r.startswith("node:")})
+        raise ClusterError(f"[search] latency_target = {search.latency_target!r}: no node of the cluster has that "
+                           f"resource (custom resources here: {', '.join(have) or 'none'}); start the node that stands "
+                           f"for your deployment hardware with `ray start --resources '{{\"{search.latency_target}\": 1}}'`")
+
+
+def _load(exp_dir: Path) -> dict[str, dict[str, Any]]:
+    f = exp_dir / QUIET_FILE
+    return json.loads(f.read_text()) if f.is_file() else {"latency": {}, "checks": {}}
+
+
+def _artifact(res: SearchResult, row: Any) -> Path | None:
+    """The artifact file of a row, if its trial's checkpoint directory still holds it."""
+    ckpt = res.checkpoints().get(row.trial_id)
+    path = ckpt.parent / row.artifact if ckpt is not None and isinstance(row.artifact, str) else None
+    return path if path is not None and path.is_file() else None
+
+
+def _jobs(res: SearchResult, store: dict[str, dict[str, Any]]) -> list[Job]:
+    """Each architecture on the front (and the dense fp32 one) not yet timed, and each artifact on
+    the front not yet checked, whose file still exists."""
+    points = res.points
+    dense = points[(points.ratio == 0.0) & ~points.int8.astype(bool) & points.artifact.notna()]
+    jobs: dict[tuple[str, str], Job] = {}
+    for r in pd.concat([res.front, dense.iloc[:1]]).itertuples():
+        path = _artifact(res, r)
+        if path is None:
+            continue
+        if r.arch not in store["latency"]:
+            jobs.setdefault(("arch", r.arch), ("arch", r.arch, str(path)))
+        key = _check_key(r)
+        if key not in store["checks"] and r.Index in res.front.index:
+            jobs.setdefault(("check", key), ("check", key, str(path)))
     return list(jobs.values())
 
 
-def _apply(points: pd.DataFrame, measured: dict[str, dict[str, Any]]) -> None:
-    """Quiet figures into every row of a measured architecture; speed-ups against the quiet dense."""
+def _check_key(row: Any) -> str:
+    return f"{row.trial_id}/{row.artifact}"
+
+
+def _apply(res: SearchResult, spec: Spec, store: dict[str, dict[str, Any]]) -> SearchResult:
+    """Quiet figures into every row of a measured architecture (speed-ups against the quiet dense),
+    the target's check into every checked artifact's row; the front recomputed."""
+    points, measured = res.points, store["latency"]
     quiet = points.arch.isin(measured)
-    for key in _STATS + ("throughput_ips",):
-        values = points.arch.map(lambda a: measured.get(a, {}).get(key))
-        if key == "throughput_ips" and values[quiet].isna().all():
-            continue  # no GPU: keep what the trials measured (nothing on a CPU)
-        points.loc[quiet, key] = values[quiet]
+    for key in _STATS:
+        points.loc[quiet, key] = points.arch.map(lambda a: measured.get(a, {}).get(key))[quiet]
     points.loc[quiet, "latency_source"] = LATENCY_QUIET
     dense = points[quiet & (points.ratio == 0.0) & ~points.int8.astype(bool)]
     if len(dense):
         points.loc[quiet, "latency_speedup"] = dense.latency_ms.iloc[0] / points.loc[quiet, "latency_ms"]
+    checks = {i: store["checks"][k] for i, k in ((r.Index, _check_key(r)) for r in points.itertuples())
+              if k in store["checks"]}
+    for i, c in checks.items():
+        points.loc[i, "target_test_accuracy"] = c["test_accuracy"]
+        points.loc[i, "target_labels_match"] = c["labels"] == points.loc[i, "test_labels_sha256"]
+    return results.refresh(res, spec)
 
 
-def _time_on_a_quiet_node(jobs: list[Job], spec: Spec, calibration: torch.Tensor) -> dict[str, dict[str, Any]]:
-    """Run :func:`time_quietly` in a task holding every CPU (and a GPU, if any) of the node with the most CPUs."""
+def _target_nodes(target: str) -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1
+            and (not target or n["Resources"].get(target, 0) > 0)]
+
+
+def _on_a_quiet_node(jobs: list[Job], spec: Spec, test: data.Split) -> dict[str, dict[str, Any]]:
+    """Run :func:`time_quietly` in a task holding every CPU of the target node (the one with the
+    most CPUs, or with ``[search] latency_target``)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1]
-    node = max(nodes, key=lambda n: n["Resources"]["CPU"])
-    cpus, gpus = node["Resources"]["CPU"], min(1.0, node["Resources"].get("GPU", 0.0))
+    node = max(_target_nodes(spec.search.latency_target), key=lambda n: n["Resources"]["CPU"])
+    cpus = node["Resources"]["CPU"]
     task = ray.remote(time_quietly).options(
-        num_cpus=cpus, num_gpus=gpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-    ref = task.remote(spec.to_dict(), jobs, calibration)
+        num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+    s = spec.sweep
+    ref = task.remote(jobs, s.latency_threads, max(QUIET_RUNS, s.latency_runs), max(s.latency_warmup, 10), test.to("cpu"))
     try:
         return ray.get(ref, timeout=TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
@@ -106,37 +165,49 @@ def _time_on_a_quiet_node(jobs: list[Job], spec: Spec, calibration: torch.Tensor
                            f"{TIMEOUT_S} s") from None
 
 
-def time_quietly(spec_dict: dict[str, Any], jobs: list[Job], calibration: torch.Tensor) -> dict[str, dict[str, Any]]:
-    """Derive every job's model from its checkpoint and time them all, interleaved; re-time the
-    noisy ones. Returns arch -> latency statistics (and ``throughput_ips`` when a GPU is here)."""
-    spec = from_dict(spec_dict, source="the search's spec")
-    s = spec.sweep
-    dense: dict[str, torch.nn.Module] = {}
-    built = {}
-    for arch, ckpt, method, ratio, int8 in jobs:
-        if ckpt not in dense:
-            dense[ckpt] = model_from_checkpoint(load_checkpoint(ckpt)).eval()
-        built[arch] = models.runtime_model(dense[ckpt], spec, models.Point("", method, ratio, int8), calibration)
-    runs = max(QUIET_RUNS, s.latency_runs)
-    kw = dict(threads=s.latency_threads, runs=runs, warmup=max(s.latency_warmup, 10), rounds=ROUNDS)
-    stats = measure.interleaved_latency(built, **kw)
+def time_quietly(jobs: list[Job], threads: int, runs: int, warmup: int, test: data.Split) -> dict[str, dict[str, Any]]:
+    """Load every job's artifact, time one per architecture (all interleaved; the noisy ones again)
+    and run the checked ones over ``test``. Returns ``{"latency": arch -> statistics, "checks":
+    key -> {"test_accuracy", "labels"}}``."""
+    import ray
+
+    loaded = {path: ort.OrtModel(Path(path).read_bytes(), threads, Path(path).name) for _, _, path in jobs}
+    timed = {key: loaded[path] for what, key, path in jobs if what == "arch"}
+    kw = dict(threads=threads, runs=runs, warmup=warmup, rounds=ROUNDS)
+    stats = measure.interleaved_latency(timed, **kw) if timed else {}
     for _ in range(ATTEMPTS - 1):
-        noisy = {a: built[a] for a, v in stats.items() if v["latency_cv"] > CV_TARGET}
+        noisy = {a: timed[a] for a, v in stats.items() if v["latency_cv"] > CV_TARGET}
         if not noisy:
             break
         again = measure.interleaved_latency(noisy, **kw)
         stats.update({a: v for a, v in again.items() if v["latency_cv"] < stats[a]["latency_cv"]})
-    for arch, m in built.items():
-        stats[arch]["throughput_ips"] = measure.gpu_throughput(m) if isinstance(m, torch.nn.Module) else None
-        stats[arch].pop("runs", None)
-    return stats
+    node = ray.get_runtime_context().get_node_id()
+    for v in stats.values():
+        v.pop("runs", None)
+        v["latency_node_id"] = node
+    checks = {}
+    for what, key, path in jobs:
+        if what == "check":
+            accuracy, labels = loaded[path].evaluate(test)
+            checks[key] = {"test_accuracy": accuracy, "labels": ort.labels_digest(labels), "node_id": node}
+    return {"latency": stats, "checks": checks}
 
 
 def summary(res: SearchResult) -> str:
-    """One line: how many front points have quiet latencies, and their worst CV."""
+    """How many front points have quiet latencies (their worst CV, the CPU), and any artifact whose
+    accuracy on the target differs from the trial's by more than a point."""
     if not len(res.front):
         return "quiet latency: no front"
-    quiet = res.front[res.front.latency_source == LATENCY_QUIET]
+    front = res.front
+    quiet = front[front.latency_source == LATENCY_QUIET]
     worst = quiet.latency_cv.max() if len(quiet) else math.nan
-    return (f"quiet latency: {len(quiet)} of {len(res.front)} front points re-measured with nothing else running "
-            f"(worst CV {worst:.3f}, target {CV_TARGET}) on {quiet.cpu.iloc[0] if len(quiet) else '-'}")
+    where = f"{quiet.cpu.iloc[0]} [{quiet.cpu_flags.iloc[0]}]" if len(quiet) else "-"
+    lines = [f"quiet latency: {len(quiet)} of {len(front)} front points re-measured with nothing else running "
+             f"(worst CV {worst:.3f}, target {CV_TARGET}) on {where}"]
+    if "target_test_accuracy" in front:
+        off = front[(front.test_accuracy - front.target_test_accuracy).abs() > 0.01]
+        for r in off.itertuples():
+            lines.append(f"prunetune: warning: {r.method} ratio {r.ratio:g}{' int8' if r.int8 else ''} of trial "
+                         f"{r.trial_id} scores {r.target_test_accuracy:.4f} on the latency target, "
+                         f"{r.test_accuracy:.4f} where its trial measured it")
+    return "\n".join(lines)

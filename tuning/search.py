@@ -27,7 +27,7 @@ from typing import Iterator
 
 from trainables import data
 from trainables.names import ACCURACY_FLOOR, DENSE_ACCURACY, LOCK_FILE, SPEC_FILE, TRACKING_FILE
-from tuning import cluster, jobs, models, quiet, registry, results, retention, runs, selection, tracking, tuner
+from tuning import cluster, jobs, quiet, registry, results, retention, runs, selection, tracking, tuner
 from tuning.results import SearchResult
 from trainables.errors import NotFound, SearchLocked, SpecError
 from tuning.spec import Spec, from_dict, new_run_dir
@@ -46,6 +46,7 @@ def search(spec: Spec, address: str | None = None, tracking_uri: str | None = No
     runs.check_reachable(uri)  # before any training starts
     cluster.connect(address)
     cluster.check_storage(spec.search.storage_path)
+    quiet.check_target(spec.search)
     exp_dir = _new_experiment_dir(spec, uri)
     with _locked(exp_dir):
         return _run(spec, exp_dir, uri, restore=False)
@@ -60,6 +61,7 @@ def resume(path: str | Path, address: str | None = None) -> tuple[SearchResult, 
             runs.check_reachable(uri)
         cluster.connect(address)
         cluster.check_storage(str(exp_dir.parent))
+        quiet.check_target(spec.search)
         print(f"resuming search {spec.name} from {exp_dir}", flush=True)
         return _run(spec, exp_dir, uri, restore=True), spec
 
@@ -77,7 +79,7 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
     rules = selection.rules_for(spec, splits.num_classes)
     res = results.collect(spec, exp_dir, grid, rules)
     if len(res.front):  # the trials' latencies are provisional: time the front quietly, recompute it
-        res = quiet.remeasure(res, spec, models.calibration_images(spec, splits))
+        res = quiet.remeasure(res, spec, _held_out(spec, splits))
         print(quiet.summary(res), flush=True)
     results.plot_front(res, spec.search.objectives)
     if tracker is not None:
@@ -87,6 +89,12 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
     if rules.budgeted and len(res.front) and "pick" not in res.aliases:
         print(selection.closest(selection.candidates(res.points, rules), rules, res.dense_accuracy), flush=True)
     return res
+
+
+def _held_out(spec: Spec, splits: data.Splits) -> data.Split:
+    """The test images every deployable point was measured on (the sweep's ``eval_size`` first ones)."""
+    n = spec.sweep.eval_size or len(splits.test)
+    return data.Split(splits.test.x[:n], splits.test.y[:n])
 
 
 def _register(tracker: tracking.MlflowTracking, res: SearchResult, grid, spec: Spec, splits: data.Splits) -> bool:

@@ -2,9 +2,9 @@
 
 A search measures many points; users leave with one. The rules, in order:
 
-- **deployable**: with ``[search] finetune_epochs > 0`` only the fine-tuned points (the trials'
-  own points and their equal-compute dense points) are models anyone would ship; the
-  no-retrain sweep is the cheap curve beside them. Without fine-tuning every point is.
+- **deployable**: a point that is a file: the ONNX classifier a trial built of its own point
+  and of its equal-compute dense point (fine-tuned for ``[search] finetune_epochs``), measured
+  as that file (``artifact``). The no-retrain sweep is the cheap curve beside them.
 - **the floor** (``[search] min_accuracy``; by default twice chance, ``2 / classes``: 0.2 for
   CIFAR-10): a model below it guesses, whatever its latency. It never enters the front, the
   registry or the front line of ``pareto.png``.
@@ -68,10 +68,13 @@ def default_floor(num_classes: int) -> float:
 
 
 def deployable(points: pd.DataFrame, rules: Rules) -> pd.Series:
-    """Rows that are shippable models (see the module docstring), with finite accuracy."""
+    """Rows that are shippable models (see the module docstring), with finite accuracy. A search
+    recorded before points were files: its fine-tuned points (or, without fine-tuning, all)."""
     if not len(points):
         return pd.Series(dtype=bool)
     ok = points["accuracy"].notna()
+    if "artifact" in points:
+        return ok & points["artifact"].notna()
     if rules.finetune_epochs and "finetune_epochs" in points:
         ok &= points["finetune_epochs"] == rules.finetune_epochs
     return ok

@@ -71,6 +71,9 @@ class SearchConfig:
     # once the front is final: "front" keeps (and logs to MLflow) only the checkpoints of trials with a
     # point on the front and deletes the others from storage_path; "all" keeps and logs every trial's
     keep_checkpoints: Literal["front", "all"] = "front"
+    # a Ray custom resource naming the nodes that stand for the hardware you deploy on: the quiet
+    # re-measurement and the artifact checks run on one of them ("": the node with the most CPUs)
+    latency_target: str = ""
 
 
 @dataclass
