@@ -1,6 +1,7 @@
 """The MLflow UI in a real headless Chromium: `prunetune ui` serving the SQL store a real search
 wrote (the session's shared search), at the address the search printed, listing the search's
-parent run and its trial runs.
+parent run and its trial runs; and the experiment's Models view, where every registered front
+point is a logged model named after it, with its accuracy and latency.
 
 Needs Debian's chromium (/usr/bin/chromium) and the playwright package; `.ci/run` installs
 both and sets PRUNETUNE_REQUIRE_BROWSER=1 so that a missing browser fails instead of skipping.
@@ -39,6 +40,14 @@ def test_mlflow_ui_lists_parent_and_child_runs(gpu_search, tmp_path):
     children = [x for x in runs if x.data.tags.get("prunetune.kind") == "trial"]
     assert len(children) == len(res.trials) == 4
 
+    import mlflow
+
+    from tuning.registry import point_name
+
+    mlflow.set_tracking_uri(uri)
+    names = {mlflow.get_logged_model(v.model_id or v.source.removeprefix("models:/")).name
+             for v in client.search_model_versions("name='tiny'")}
+    assert names and names <= {point_name(r) for r in res.front.itertuples()}  # every version: a front point
     port = free_port()  # `prunetune ui` on the search's store, as a user runs it
     proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -61,6 +70,13 @@ def test_mlflow_ui_lists_parent_and_child_runs(gpu_search, tmp_path):
                 page.locator("button[data-component-id*='runnamecellrenderer']").first.click()
                 for child in children:
                     page.get_by_text(child.info.run_name, exact=True).first.wait_for(timeout=30_000)
+                # the Models view: each registered point under its name, with the metrics to compare them by
+                page.goto(f"{base}/#/experiments/{exp.experiment_id}/models?workflowType=machine_learning",
+                          wait_until="load", timeout=90_000)
+                for name in names:
+                    page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
+                text = page.inner_text("body")
+                assert "accuracy" in text and "latency_ms" in text, text[:3000]
             except Exception:  # keep what the browser showed: the page's text and a screenshot
                 page.screenshot(path=str(tmp_path / "failed.png"), full_page=True)
                 print(f"UI at {page.url} (screenshot {tmp_path / 'failed.png'}):\n{page.inner_text('body')[:3000]}")

@@ -144,24 +144,43 @@ def cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tuning import models, runs
+    from tuning import models, runs, verify
 
     uri = runs.tracking_uri(args.tracking_uri)
     runs.check_reachable(uri)
     point = models.resolve(uri, args.ref, args.method, args.ratio, True if args.int8 else None)
     print(f"exporting {point.method} ratio {point.ratio:g}{' + int8' if point.int8 else ''} of trial run "
           f"{point.run_id} as {args.format} -> {args.output}", flush=True)
-    agreement, n, tuned = models.export_point(uri, point, args.format, args.output)
-    if not tuned:
-        print("note: no fine-tuned weights for this point in the trial's run: derived from the dense checkpoint "
-              "without fine-tuning", flush=True)
-    print(f"input: uint8 images, batch x 32 x 32 x 3 (normalisation inside); output: "
-          f"{'label and probabilities' if args.format == 'onnx' else 'class probabilities'}")
-    print(f"top-1 agreement with the model it packs: {agreement:.2%} on {n} held-out test images")
-    if agreement < 0.999:
-        print(f"prunetune export: error: agreement {agreement:.2%} is below 99.9%; {args.output} is kept for "
-              "inspection but should not be deployed", file=sys.stderr)
-        return 1
+    if args.format == "torchscript":
+        print("note: TorchScript (and torch's INT8) are deprecated in PyTorch, and not what the search measured "
+              "(an ONNX file in ONNX Runtime): this file is re-derived", flush=True)
+    done = models.export_point(uri, point, args.format, args.output)
+    print(f"from {done.source}; input: uint8 images, batch x H x W x 3 (normalisation inside); output: "
+          f"{'label, probabilities, class' if args.format == 'onnx' else 'class probabilities'}", flush=True)
+    if done.verdict is None:
+        print(f"never measured by the search, so nothing to verify against: its test accuracy here is "
+              f"{done.test_accuracy:.4f} on {done.images} held-out images", flush=True)
+        return 0
+    print(f"verified {done.verdict.describe()}", flush=True)
+    verify.require(done.verdict, args.tolerance)  # exits 1 with the cause when the file loses accuracy here
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tuning import models, runs, verify
+
+    uri = runs.tracking_uri(args.tracking_uri)
+    runs.check_reachable(uri)
+    point = models.resolve(uri, args.ref, args.method, args.ratio, True if args.int8 else None)
+    found = models.shipped(uri, point)
+    if found is None:
+        raise models.ModelError(f"{point.method} ratio {point.ratio:g}{' int8' if point.int8 else ''} of trial run "
+                                f"{point.run_id} was never built by its search: nothing was measured to verify against")
+    payload = Path(args.file).read_bytes() if args.file else found.payload
+    verdict = verify.check(payload, found.record)
+    print(f"{args.file or found.source} against the record of {found.source}: {verdict.describe()}", flush=True)
+    verify.require(verdict, args.tolerance)
+    print("ok: within the tolerance of what was measured", flush=True)
     return 0
 
 
@@ -263,16 +282,32 @@ def _add_mlflow(sub) -> None:
     pa.add_argument("--tracking-uri", help=_TRACKING_HELP)
     pa.set_defaults(func=cmd_pareto)
 
-    ex = sub.add_parser("export", help="write a deployable ONNX / TorchScript file of a trial's compressed model")
-    ex.add_argument("ref", help="a trial's MLflow run id, or models:/NAME@ALIAS (best-accuracy, fastest, knee, pick)")
+    ex = sub.add_parser("export", help="write the file a point shipped as (ONNX), checked here against its record")
+    ex.add_argument("ref", help="a trial's MLflow run id, or models:/NAME@ALIAS (best-accuracy, fastest, knee, pick) "
+                    "or models:/NAME/VERSION")
     ex.add_argument("--method", help="default: the trial's (or the registered version's) method")
     ex.add_argument("--ratio", type=float, help="any ratio in [0, 1), swept or not (re-derived)")
     ex.add_argument("--int8", action="store_true", help="INT8 on top: ONNX Runtime static INT8 with --format onnx, "
-                    "torch FX INT8 with --format torchscript")
-    ex.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+                    "torch FX INT8 (deprecated) with --format torchscript")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="onnx (default: the file the "
+                    "search measured) or torchscript (deprecated; eager PyTorch, re-derived)")
     ex.add_argument("-o", "--output", required=True, help="output file")
+    ex.add_argument("--tolerance", type=_budget(positive=False), default=0.01, help="accuracy (0-1) the file may "
+                    "lose here against its record (default 0.01: one point)")
     ex.add_argument("--tracking-uri", help=_TRACKING_HELP)
     ex.set_defaults(func=cmd_export)
+
+    ve = sub.add_parser("verify", help="run a point's file on this machine and compare with what the search measured")
+    ve.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION, or a trial's run id (+ --method/--ratio/--int8)")
+    ve.add_argument("--file", help="a model on disk (e.g. from prunetune export) to check against the record; "
+                    "default: the registered (or trial's) file itself")
+    ve.add_argument("--method")
+    ve.add_argument("--ratio", type=float)
+    ve.add_argument("--int8", action="store_true")
+    ve.add_argument("--tolerance", type=_budget(positive=False), default=0.01, help="accuracy (0-1) it may lose here "
+                    "against its record (default 0.01)")
+    ve.add_argument("--tracking-uri", help=_TRACKING_HELP)
+    ve.set_defaults(func=cmd_verify)
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the tracking store and print its URL")
     ui.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")

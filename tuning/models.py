@@ -1,40 +1,57 @@
-"""Compressed models from a search: re-derive a point, export it.
+"""Compressed models from a search: find the file a point shipped as, re-derive one that never was, export.
 
-A compressed model is never stored per sweep point. Each trial's MLflow run holds its dense
-checkpoint (artifact ``checkpoint/checkpoint.pt``) and, when the search fine-tunes, the
-fine-tuned fp32 weights of its deployable points (``checkpoint/deployable.pt``); a point's model
-is re-derived from them with ``(method, ratio, int8)`` deterministically (:func:`derive`, and
-:func:`runtime_model` for the runtime the search timed it in). ``prunetune export`` turns a run
-or a ``models:/NAME@ALIAS`` into a self-contained ONNX or TorchScript file (:mod:`tuning.deploy`)
-and checks it against the model it packs. :mod:`tuning.registry` registers the front.
+A deployable point is a file its trial built and measured: the ONNX classifier filed beside the
+trial's dense checkpoint (``checkpoint/points/*.onnx`` of the trial's MLflow run) and, once
+registered, the bytes of a model version. :func:`shipped` finds that file and its record
+(:class:`tuning.verify.Record`); ``prunetune export`` of such a point hands out exactly those
+bytes and checks them on this machine against the record (:mod:`tuning.verify`).
+
+Any other point (another ratio, a method the trial did not build) is re-derived from the trial's
+dense checkpoint and ``(method, ratio, int8)`` (:func:`derive`; with the trial's fine-tuned
+weights when it has them), and said to be so: nothing measured it. :mod:`tuning.registry`
+registers the front.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 
 from trainables import compress, data, ort
-from trainables.errors import CheckpointError, ModelError
-from trainables.names import CHECKPOINT_ARTIFACT, DEPLOYABLE_ARTIFACT, DEPLOYABLE_FILE, CheckpointMeta
-from trainables.sweep import point_key
 from trainables.checkpoint import load_checkpoint, model_from_checkpoint
+from trainables.errors import CheckpointError, ModelError
+from trainables.names import (CHECKPOINT_ARTIFACT, CHECKPOINT_DIR, DEPLOYABLE_ARTIFACT, DEPLOYABLE_FILE, EXPERIMENT_JSON,
+                              PARENT_TAG, SWEEP_CSV, CheckpointMeta)
+from trainables.sweep import point_key
 from tuning import deploy, retention, selection
 from tuning.spec import Spec, from_dict
+from tuning.verify import Record, Verdict, check
 
 
 @dataclass
 class Point:
-    run_id: str  # the trial's MLflow run (holds the dense checkpoint)
+    run_id: str  # the trial's MLflow run (holds the dense checkpoint and the point's artifact)
     method: str
     ratio: float
     int8: bool
+    version: str = ""  # "models:/NAME/VERSION" when the point came from the registry as it is
+
+
+@dataclass
+class Shipped:
+    """The file a point shipped as, its record, and where it came from."""
+
+    payload: bytes
+    record: Record
+    source: str
 
 
 def _client(uri: str):
@@ -43,32 +60,88 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _model_version(client, ref: str):
+    """``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` -> the model version."""
+    name, at, alias = ref.removeprefix("models:/").partition("@")
+    if at:
+        return client.get_model_version_by_alias(name, alias)
+    name, slash, number = name.partition("/")
+    if not slash or not number.isdigit():
+        raise ModelError(f"{ref}: use models:/NAME@ALIAS (aliases: {', '.join(selection.ALIASES)}) or "
+                         "models:/NAME/VERSION")
+    return client.get_model_version(name, number)
+
+
 def resolve(uri: str, ref: str, method: str | None, ratio: float | None, int8: bool | None) -> Point:
-    """``RUN_ID`` or ``models:/NAME@ALIAS`` (+ overrides) -> the point to derive."""
+    """``RUN_ID`` or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (+ overrides) -> the point."""
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
-    defaults: dict[str, Any]
     try:
         if ref.startswith("models:/"):
-            name, _, alias = ref.removeprefix("models:/").partition("@")
-            if not alias:
-                raise ModelError(f"{ref}: use models:/NAME@ALIAS (aliases: {', '.join(selection.ALIASES)})")
-            tags = client.get_model_version_by_alias(name, alias).tags
-            missing = {"trial_run_id", "method", "ratio", "int8"} - set(tags)
+            v = _model_version(client, ref)
+            missing = {"trial_run_id", "method", "ratio", "int8"} - set(v.tags)
             if missing:
                 raise ModelError(f"{ref} is not a version prunetune registered: its tags lack {', '.join(sorted(missing))}")
-            run_id = tags["trial_run_id"]
-            defaults = {"method": tags["method"], "ratio": float(tags["ratio"]), "int8": tags["int8"] == "True"}
+            found = Point(v.tags["trial_run_id"], v.tags["method"], float(v.tags["ratio"]), v.tags["int8"] == "True",
+                          f"models:/{v.name}/{v.version}")
         else:
-            run = client.get_run(ref)
-            run_id, p = ref, run.data.params
-            defaults = {"method": p.get("method", "global_l1"), "ratio": float(p.get("prune_ratio", 0.0)),
-                        "int8": p.get("int8", "False") == "True"}
+            p = client.get_run(ref).data.params
+            found = Point(ref, p.get("method", "global_l1"), float(p.get("prune_ratio", 0.0)),
+                          p.get("int8", "False") == "True")
     except MlflowException as e:
         raise ModelError(f"{ref} not found in the tracking store {uri}: {str(e).splitlines()[0]}") from None
-    return Point(run_id, method or defaults["method"], defaults["ratio"] if ratio is None else ratio,
-                 defaults["int8"] if int8 is None else int8)
+    asked = dataclasses.replace(found, method=method or found.method, ratio=found.ratio if ratio is None else ratio,
+                                int8=found.int8 if int8 is None else int8)
+    return asked if asked == found else dataclasses.replace(asked, version="")  # another point: not that version
+
+
+def shipped(uri: str, point: Point) -> Shipped | None:
+    """The file the search built and measured for ``point``, with its record: the registered
+    version's bytes, or the artifact its trial filed; None when the search never built that point."""
+    import mlflow
+
+    client = _client(uri)
+    with tempfile.TemporaryDirectory(prefix="prunetune-export-") as where:
+        if point.version:
+            v = _model_version(client, point.version)
+            record = Record.from_tags(v.tags, point.version)
+            local = mlflow.artifacts.download_artifacts(point.version, dst_path=where, tracking_uri=uri)
+            return Shipped((Path(local) / "model.onnx").read_bytes(), record, point.version)
+        row = _built_row(client, point, where)
+        if row is None:
+            return None
+        path = f"{CHECKPOINT_DIR}/{row['artifact']}"
+        try:
+            local = client.download_artifacts(point.run_id, path, where)
+        except Exception as e:
+            raise ModelError(retention.why_missing(client, point.run_id) or f"trial run {point.run_id} has no {path} "
+                             f"artifact: {str(e).splitlines()[0]}") from None
+        return Shipped(Path(local).read_bytes(), Record.from_row(row, _data_config(client, point.run_id, where)),
+                       f"trial run {point.run_id}: {path}")
+
+
+def _built_row(client, point: Point, where: str) -> dict[str, Any] | None:
+    """The trial's row for ``point`` among the points it built (its ``sweep.csv``), or None."""
+    try:
+        table = pd.read_csv(client.download_artifacts(point.run_id, SWEEP_CSV, where))
+    except Exception:
+        return None
+    if "artifact" not in table:
+        return None
+    rows = table[table.artifact.notna() & (table.method == point.method) & (table.ratio == point.ratio)
+                 & (table.int8.astype(bool) == point.int8)]
+    return rows.iloc[0].to_dict() if len(rows) else None
+
+
+def _data_config(client, run_id: str, where: str) -> dict[str, Any]:
+    """The ``[data]`` config of the search a trial run belongs to (its parent run's experiment file)."""
+    parent = client.get_run(run_id).data.tags.get(PARENT_TAG, "")
+    try:
+        return json.loads(Path(client.download_artifacts(parent, EXPERIMENT_JSON, where)).read_text())["data"]
+    except Exception as e:
+        raise ModelError(f"trial run {run_id}: its search's {EXPERIMENT_JSON} cannot be read ({str(e).splitlines()[0]}), "
+                         "so its test images are unknown") from None
 
 
 def dense_from_run(uri: str, run_id: str, where: str | Path) -> tuple[nn.Module, Spec, Path]:
@@ -131,18 +204,6 @@ def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | Non
     return model
 
 
-def runtime_model(dense: nn.Module, spec: Spec, point: Point, calibration: torch.Tensor,
-                  weights: dict[str, torch.Tensor] | None = None, runtime: str | None = None) -> nn.Module | ort.OrtModel:
-    """``point`` as ``runtime`` (default: the search's) runs it: a torch model (fp32 or FX INT8), or
-    an ONNX Runtime session (fp32, or ORT's own static INT8)."""
-    if (runtime or spec.sweep.runtime) == "torch":
-        return derive(dense, spec, point, calibration=calibration, weights=weights)
-    name = f"{point.method} at ratio {point.ratio:g}"
-    fp32 = derive(dense, spec, dataclasses.replace(point, int8=False), weights=weights)
-    onnx = ort.export(fp32, spec.sweep.latency_threads, name)
-    return ort.quantize(onnx, calibration, name) if point.int8 else onnx
-
-
 def fine_tuned_weights(checkpoint: str | Path, point: Point) -> dict[str, torch.Tensor] | None:
     """The fine-tuned fp32 weights of ``point`` filed beside a trial's dense ``checkpoint``, or
     None (a no-retrain point, a search without fine-tuning, a ratio that was not the trial's)."""
@@ -158,49 +219,47 @@ def calibration_images(spec: Spec, splits: data.Splits | None = None) -> torch.T
     return data.normalize((splits or data.load(spec.data)).train.x[: spec.sweep.calibration_size])
 
 
-def export_point(uri: str, point: Point, fmt: str, out: str | Path) -> tuple[float, int, bool]:
-    """Derive ``point`` from its trial's run and :func:`export` it. Returns the top-1 agreement of
-    the file with the model it packs, the number of held-out test images that was measured on,
-    and whether the point's fine-tuned weights were found (else: derived without fine-tuning)."""
+@dataclass
+class Exported:
+    """What ``prunetune export`` wrote: where it came from, and what it gives here."""
+
+    source: str  # the registered version or trial artifact, or "re-derived ..."
+    verdict: Verdict | None  # against the record of what was measured; None: nothing measured this point
+    test_accuracy: float  # on this machine, on the held-out test images
+    images: int
+
+
+def export_point(uri: str, point: Point, fmt: str, out: str | Path) -> Exported:
+    """Write ``point`` to ``out``: as ONNX, the very file the search built and measured when it built
+    one (checked here against its record), else re-derived from its trial's checkpoint; as
+    TorchScript (deprecated, eager PyTorch), always re-derived."""
+    if fmt not in ("onnx", "torchscript"):
+        raise ModelError(f"unknown format {fmt!r}; use onnx or torchscript")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    found = shipped(uri, point) if fmt == "onnx" else None
+    if found is not None:
+        out.write_bytes(found.payload)
+        verdict = check(out.read_bytes(), found.record)
+        return Exported(found.source, verdict, verdict.test_accuracy, found.record.test_images)
     with tempfile.TemporaryDirectory(prefix="prunetune-export-") as where:  # ~200 MB of checkpoints
         dense, spec, checkpoint = dense_from_run(uri, point.run_id, where)
         weights = fine_tuned_weights(checkpoint, point)
     splits = data.load(spec.data)
-    runtime = "onnxruntime" if fmt == "onnx" else "torch"  # ONNX INT8 is ORT's own quantization
-    model = runtime_model(dense, spec, point, calibration_images(spec, splits), weights, runtime)
-    return export(model, fmt, out, splits.test), len(splits.test), weights is not None
-
-
-def export(model: nn.Module | ort.OrtModel, fmt: str, out: str | Path, test: data.Split) -> float:
-    """Write ``model`` self-contained (uint8 images in, :mod:`tuning.deploy`) as TorchScript (a
-    torch model) or ONNX (an :class:`~trainables.ort.OrtModel`; a torch fp32 model is exported
-    first), reload the file (``torch.jit.load`` / an ONNX Runtime session) and return the top-1
-    agreement of the file on the raw test images with ``model`` on normalised ones."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if fmt not in ("onnx", "torchscript"):
-        raise ModelError(f"unknown format {fmt!r}; use onnx or torchscript")
-    if fmt == "onnx" and isinstance(model, nn.Module):
-        if compress.is_quantized(model):
-            raise ModelError("a torch INT8 model has no ONNX form: export the point with --format onnx (ORT's "
-                             "own INT8) or --format torchscript")
-        model = ort.export(model)
-    if fmt == "torchscript" and not isinstance(model, nn.Module):
-        raise ModelError("an ONNX Runtime model exports as --format onnx")
-    images, normalised = test.x.permute(0, 2, 3, 1).contiguous(), data.normalize(test.x)
-    with torch.inference_mode():
-        ref = _predict(lambda b: np.asarray(model(b)).argmax(1), normalised)
-    if fmt == "torchscript":
-        out.write_bytes(deploy.torchscript(model))
-        loaded = torch.jit.load(str(out)).eval()
-        with torch.inference_mode():
-            got = _predict(lambda b: loaded(b).argmax(1).numpy(), images)
-    else:
-        out.write_bytes(deploy.onnx_classifier(model.onnx_bytes))
-        session = ort.OrtModel(out.read_bytes(), name=str(out)).session
-        got = _predict(lambda b: session.run([deploy.LABEL], {deploy.IMAGES: b.numpy()})[0], images)
-    return float((ref == got).mean())
-
-
-def _predict(fn, x: torch.Tensor, batch: int = 256) -> np.ndarray:
-    return np.concatenate([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
+    n = spec.sweep.eval_size or len(splits.test)
+    test = data.Split(splits.test.x[:n], splits.test.y[:n])
+    fp32 = derive(dense, spec, dataclasses.replace(point, int8=False), weights=weights)
+    how = f"re-derived from trial run {point.run_id}'s dense checkpoint" + (
+        " and its fine-tuned weights" if weights is not None else " (no fine-tuned weights for this point)")
+    if fmt == "onnx":
+        calibration = calibration_images(spec, splits) if point.int8 else None
+        model = ort.build(fp32, splits.classes, input_shape=tuple(splits.train.x.shape[1:]), name=str(out),
+                          calibration=calibration)[-1]
+        model.save(out)
+        return Exported(how, None, ort.OrtModel(out.read_bytes()).evaluate(test)[0], len(test))
+    model = compress.quantize_int8(fp32, calibration_images(spec, splits)) if point.int8 else fp32
+    out.write_bytes(deploy.torchscript(model, tuple(splits.test.x.shape[2:])))
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated: it is what reads this file
+        probs = torch.jit.load(str(out))(test.x.permute(0, 2, 3, 1).contiguous())
+    return Exported(how + ", as TorchScript", None, float((probs.argmax(1) == test.y).float().mean()), len(test))

@@ -1,17 +1,24 @@
-"""The front in MLflow's model registry: every version a model someone could ship and call.
+"""The front in MLflow's model registry: every version a file someone could ship, as it was measured.
 
-After a search, the front's points (above the floor, latencies measured quiet) are logged on
-the parent run and registered under one registered model named after the experiment: the
-aliased points first (``best-accuracy``, ``fastest``, ``knee``, and ``pick`` when a point meets
-the budgets), then the rest of the front, up to ``[search] register_models``. Each version is
-the point's fine-tuned weights (re-derived with its compression), packed to take uint8 images
-and return labels and class probabilities (:mod:`tuning.deploy`): a pyfunc around TorchScript,
-or with ``[sweep] runtime = "onnxruntime"`` the ONNX model the search timed, with MLflow's ONNX
-flavour. Its tags name the point (what ``prunetune export models:/NAME@ALIAS`` re-derives) and
-its description is a short model card.
+After a search, the front's points (above the floor, latencies measured quiet) are registered
+under one registered model named after the experiment: the aliased points first
+(``best-accuracy``, ``fastest``, ``knee``, and ``pick`` when a point meets the budgets), then the
+rest of the front, up to ``[search] register_models``. Each version holds exactly the bytes the
+trial built and measured (its ONNX classifier: uint8 images in, ``label``, ``probabilities`` and
+``class`` out), logged with MLflow's ONNX flavour, which loads it with ONNX Runtime and runs no
+code of ours. Its tags carry the point and its record (:class:`tuning.verify.Record`: the
+bytes' SHA-256, the test accuracy and labels, the CPU it ran on), its description is a short
+model card, and its logged model is named after the point (``channel_l1-r30-int8-<trial>``) with
+the point's accuracy, latency and size as metrics, so MLflow's Models view sorts and compares them.
+
+The end phase may run twice (``prunetune resume`` of a finished search, a crash inside it):
+an artifact registered before keeps its version, and an alias moves only to a point whose
+latency was measured quietly.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import shlex
 from pathlib import Path
 from typing import Any
@@ -19,24 +26,34 @@ from typing import Any
 import pandas as pd
 
 from trainables import data
-from trainables.checkpoint import load_checkpoint, model_from_checkpoint
-from tuning import deploy, models, runs, selection
+from trainables.errors import ModelError
+from tuning import deploy, runs, selection
 from tuning.models import Point
+from tuning.results import LATENCY_QUIET
 from tuning.spec import Spec
+from tuning.verify import Record
 
 _PARETO_COLUMNS = ("run_id", "lr", "method", "ratio", "int8", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms",
                    "latency_cv", "latency_source", "size_mb", "sparsity", "nonzero_params", "macs", "version",
                    "aliases", "picked")
-_TAGS = ("accuracy", "test_accuracy", "accuracy_no_finetune", "latency_ms", "latency_p90_ms", "latency_cv",
-         "latency_source", "size_mb", "finetune_epochs")
+_TAGS = ("accuracy", "accuracy_no_finetune", "latency_ms", "latency_p90_ms", "latency_cv", "latency_source", "size_mb",
+         "finetune_epochs", "threads")
+_MODEL_METRICS = ("accuracy", "test_accuracy", "latency_ms", "latency_p90_ms", "latency_cv", "size_mb", "macs")
+
+
+def point_name(row: pd.Series) -> str:
+    """A logged model's name that says what it is: ``channel_l1-r30-int8-<trial id>`` (ratio in %;
+    MLflow allows no '.' in it)."""
+    ratio = f"{100 * float(row.ratio):g}".replace(".", "_")
+    return f"{row.method}-r{ratio}{'-int8' if bool(row.int8) else ''}-{row.trial_id}"
 
 
 def register_front(uri: str, parent_run_id: str, front: pd.DataFrame, aliases: dict[str, Any],
                    checkpoints: dict[str, Path], trial_runs: dict[str, str], spec: Spec,
                    splits: data.Splits) -> dict[str, int]:
-    """Log and register the front (see the module docstring); ``aliases``: alias -> front row,
-    ``checkpoints``: trial id -> local dense checkpoint, ``trial_runs``: trial id -> its MLflow
-    run. Returns alias -> version."""
+    """Register the front (see the module docstring); ``aliases``: alias -> front row,
+    ``checkpoints``: trial id -> local dense checkpoint (its artifacts beside it), ``trial_runs``:
+    trial id -> its MLflow run. Returns alias -> version for the aliases set."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -45,38 +62,61 @@ def register_front(uri: str, parent_run_id: str, front: pd.DataFrame, aliases: d
     order = order[:max(spec.search.register_models, len(set(aliases.values())))]
     client = MlflowClient(tracking_uri=uri)
     mlflow.set_tracking_uri(uri)
+    known = _registered_artifacts(client, spec.name)
     example = splits.test.x[:2].permute(0, 2, 3, 1).contiguous().numpy()  # two real test images, as uint8 NHWC
-    classes = splits.classes
-    calibration = models.calibration_images(spec, splits)
     versions: dict[Any, int] = {}
     with mlflow.start_run(run_id=parent_run_id):
-        for i, idx in enumerate(order):
+        for idx in order:
             row = front.loc[idx]
+            if row.artifact_sha256 in known:  # registered by an earlier end phase of this search
+                versions[idx] = known[row.artifact_sha256]
+                continue
             point = Point(trial_runs.get(row.trial_id, ""), row.method, float(row.ratio), bool(row.int8))
-            packed, onnx_flavour = _pack(point, checkpoints[row.trial_id], spec, calibration)
-            version = deploy.log_model(packed, onnx_flavour, f"pareto-{i}", spec.name, example, classes)
+            record = Record.from_row(row, dataclasses.asdict(spec.data))
+            version = deploy.log_model(artifact_bytes(row, checkpoints), point_name(row), spec.name, example,
+                                       splits.classes, {k: float(row[k]) for k in _MODEL_METRICS if pd.notna(row.get(k))},
+                                       {"latency_source": str(row.get("latency_source")), "cpu": str(row.cpu),
+                                        "cpu_flags": record.cpu_flags, "runtime": record.runtime})
             versions[idx] = version
-            for k, v in _tags(row, point).items():
+            for k, v in {**_tags(row, point), **record.tags()}.items():
                 client.set_model_version_tag(spec.name, str(version), k, v)
             client.update_model_version(spec.name, str(version), description=model_card(row, point, spec, splits))
+    moved = {}
     for alias, idx in aliases.items():
+        if front.loc[idx].get("latency_source") != LATENCY_QUIET:
+            print(f"registry: alias {alias!r} not moved: its point's latency is provisional (the quiet re-measurement "
+                  "did not time it); `prunetune resume DIR` measures it and sets the alias", flush=True)
+            continue
         client.set_registered_model_alias(spec.name, alias, str(versions[idx]))
-    return {alias: versions[idx] for alias, idx in aliases.items()}
+        moved[alias] = versions[idx]
+    return moved
 
 
-def _pack(point: Point, checkpoint: Path, spec: Spec, calibration) -> tuple[bytes, bool]:
-    """The point's deployable model, packed for its runtime: (bytes, ONNX flavour?)."""
-    dense = model_from_checkpoint(load_checkpoint(checkpoint)).eval()
-    weights = models.fine_tuned_weights(checkpoint, point)
-    model = models.runtime_model(dense, spec, point, calibration, weights)
-    if spec.sweep.runtime == "onnxruntime":
-        return deploy.onnx_classifier(model.onnx_bytes), True
-    return deploy.torchscript(model), False
+def artifact_bytes(row: pd.Series, checkpoints: dict[str, Path]) -> bytes:
+    """The point's artifact as its trial filed it, checked against the SHA-256 it was measured as."""
+    path = checkpoints[row.trial_id].parent / row.artifact
+    if not path.is_file():
+        raise ModelError(f"the artifact of trial {row.trial_id} {row.method} ratio {row.ratio:g} is gone ({path})")
+    payload = path.read_bytes()
+    if hashlib.sha256(payload).hexdigest() != row.artifact_sha256:
+        raise ModelError(f"{path} is not the file its trial measured (SHA-256 differs from the record): not registered")
+    return payload
+
+
+def _registered_artifacts(client, name: str) -> dict[str, int]:
+    """SHA-256 -> version, for the versions of ``name`` that hold a recorded artifact."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return {}
+    return {v.tags["artifact_sha256"]: int(v.version) for v in found if "artifact_sha256" in v.tags}
 
 
 def _tags(row: pd.Series, point: Point) -> dict[str, str]:
     tags = {"method": row.method, "ratio": str(row.ratio), "int8": str(bool(row.int8)), "lr": str(row.lr),
-            "trial_id": str(row.trial_id), "trial_run_id": point.run_id}
+            "trial_id": str(row.trial_id), "trial_run_id": point.run_id, "artifact": str(row.artifact)}
     tags.update({k: str(row[k]) for k in _TAGS if k in row and pd.notna(row[k])})
     return tags
 
@@ -87,18 +127,22 @@ def model_card(row: pd.Series, point: Point, spec: Spec, splits: data.Splits) ->
     how = (f"fine-tuned {tuned} epochs{' with distillation from the dense model' if spec.sweep.distill else ''}"
            if tuned else "not fine-tuned")
     cv = f", CV {row.latency_cv:.3f}" if pd.notna(row.get("latency_cv")) else ""
-    io = ("uint8 images, batch x 32 x 32 x 3 (RGB, as decoded) -> `label`, `class`, `prob_<class>`"
-          if spec.sweep.runtime == "torch" else "uint8 images, batch x 32 x 32 x 3 -> `label`, `probabilities`")
+    h, w = splits.test.x.shape[2:]
+    io = f"uint8 images, batch x {h} x {w} x 3 (RGB, as decoded) -> `label`, `probabilities`, `class`"
     return "\n".join([
         f"**{point.method} at ratio {point.ratio:g}{', INT8' if point.int8 else ''}**, {how}; trial "
         f"{row.trial_id} (lr {row.lr:.3g}), trial run `{point.run_id}`.",
         f"- accuracy: validation {row.accuracy:.4f}, test {row.test_accuracy:.4f} on {spec.data.dataset} "
         f"({len(splits.val)} validation / {len(splits.test)} test images)",
-        f"- latency: {row.latency_ms:.3f} ms median (p90 {row.latency_p90_ms:.3f}{cv}), {spec.sweep.runtime}, "
-        f"batch 1, {int(row.threads)} thread(s) on {row.cpu}; measured {row.get('latency_source', 'in the trial')}",
+        f"- latency: {row.latency_ms:.3f} ms median (p90 {row.latency_p90_ms:.3f}{cv}), ONNX Runtime "
+        f"{row.get('runtime_version', '')}, batch 1, {int(row.threads)} thread(s) on {row.cpu} "
+        f"[{row.get('cpu_flags', '') if isinstance(row.get('cpu_flags'), str) else ''}]; measured "
+        f"{row.get('latency_source', 'in the trial')}",
         f"- size {row.size_mb:.2f} MB, {row.macs / 1e6:.0f} M MACs, {int(row.nonzero_params):,} nonzero parameters, "
         f"sparsity {row.sparsity:.2f}",
         f"- input / output: {io}; the training normalisation is inside",
+        f"- the file: ONNX, SHA-256 `{row.artifact_sha256}`; `prunetune verify models:/{spec.name}/VERSION` runs it "
+        "on your machine against this record",
     ])
 
 
