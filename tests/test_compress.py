@@ -242,3 +242,28 @@ def test_signature_of_int8_models_ignores_weights_and_calibration(int8_dense):
 def test_permanent_unstructured_zeros_keep_the_dense_architecture(dense, masked):
     # baked-in zeros run the dense graph: same signature, so the sweep shares its latency
     assert architecture_signature(make_permanent(masked)) == architecture_signature(dense)
+
+
+def test_recalibrate_bn_re_estimates_the_statistics_from_the_images_alone():
+    """After channel pruning the BatchNorms see other activations: their running statistics become
+    the mean and variance of what they see on the images (a cumulative average), weights untouched."""
+    import torch.nn as nn
+
+    from trainables.compress import prune, recalibrate_bn
+    from trainables.model import cifar_resnet18
+
+    torch.manual_seed(0)
+    dense = cifar_resnet18().eval()
+    pruned = prune(dense, "channel_l1", 0.5)
+    images = torch.randn(128, 3, 32, 32)
+    seen = []
+    hook = pruned.bn1.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    recal = recalibrate_bn(pruned, images, batch_size=64)
+    hook.remove()
+    assert not recal.training and recal is not pruned
+    x = torch.cat(seen)  # the first BN's input on the first pass: the stem's output, the same before and after
+    torch.testing.assert_close(recal.bn1.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert not torch.equal(recal.bn1.running_mean, pruned.bn1.running_mean)
+    for (name, a), (_, b) in zip(recal.named_parameters(), pruned.named_parameters()):
+        assert torch.equal(a, b), name
+    assert all(m.momentum == 0.1 for m in recal.modules() if isinstance(m, nn.BatchNorm2d))

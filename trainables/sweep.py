@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, MutableMapping
 
 import pandas as pd
+import torch
 import torch.nn as nn
 
 from trainables import compress, measure, ort
@@ -54,6 +55,7 @@ class SweepConfig:
     distill_weight: float = 0.7  # w in (1 - w) * CE + w * T^2 * KL
     distill_temperature: float = 4.0
     round_to: int = compress.ROUND_TO  # channel_l1 keeps channel counts multiples of this
+    bn_recalibration: int = 512  # training images a structured-pruned model re-estimates its BatchNorm statistics on; 0 = off
     eval_size: int = 0  # evaluate on at most this many validation / test images; 0 = all
     latency_threads: int = 1
     latency_runs: int = 50
@@ -138,6 +140,11 @@ class _Sweep:
         self._dense: list[_Shipped] | None = None
 
     @functools.cached_property
+    def _bn_images(self) -> torch.Tensor:
+        """The training images a structured-pruned model re-estimates its BatchNorm statistics on."""
+        return normalize(self.splits.train.x[: self.cfg.bn_recalibration])
+
+    @functools.cached_property
     def _cpu_splits(self) -> tuple[Split, Split]:
         return self.val.to("cpu"), self.test.to("cpu")
 
@@ -206,6 +213,8 @@ class _Sweep:
             return self.dense_accuracy, self._dense  # the dense point is the same whatever the method
         c, epochs = self.cfg, self.cfg.finetune_epochs
         pruned = compress.prune(self.model, method, ratio, seed=c.seed, round_to=c.round_to)
+        if method in compress.STRUCTURED and ratio > 0.0 and c.bn_recalibration:
+            pruned = compress.recalibrate_bn(pruned, self._bn_images)  # before it is judged, and before fine-tuning
         before = self.dense_accuracy if ratio == 0.0 else self.accuracy(pruned)
         loss_fn = None  # the dense point: plain continued training, the equal-compute reference
         if epochs and ratio > 0.0 and c.distill:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 import os
 import time
 from pathlib import Path
@@ -42,6 +43,15 @@ from trainables.checkpoint import load_checkpoint, model_from_checkpoint, save_c
 from trainables.train import DeviceError, Diverged, TrainConfig, fit
 
 LATENCY_CACHE = "prunetune_latency_cache"
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """What the search asks of every trial beyond the ``[train]`` / ``[sweep]`` recipe (the trial
+    does not read the driver's ``[search]`` table)."""
+
+    finetune_epochs: int  # the deployable points' fine-tuning epochs (0: built without)
+    method: str  # the own point's method when the search does not sample one
 
 
 @ray.remote(num_cpus=0)
@@ -155,8 +165,8 @@ def _own_point(df: pd.DataFrame, method: str, ratio: float, int8: bool) -> dict[
     return own
 
 
-def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]) -> None:
-    """Function trainable; ``splits`` and ``spec`` come once per search via ``tune.with_parameters``."""
+def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any], plan: TrialPlan) -> None:
+    """Function trainable; ``splits``, ``spec`` and ``plan`` come once per search via ``tune.with_parameters``."""
     # one "Checkpoint successfully created" line per epoch per trial drowns the progress table
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     threads, device = _resources(spec["train"]["device"])
@@ -167,7 +177,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
     # anywhere; the device this trial used is recorded in the checkpoint and the trial's results
     train_cfg = dataclasses.replace(TrainConfig(**spec["train"]), **searched, threads=threads)
     sweep_cfg = SweepConfig(**spec["sweep"])
-    method = config.get("method", sweep_cfg.methods[0])
+    method = config.get("method", plan.method)
     ratio = round(float(config.get("prune_ratio", 0.0)), 4)
     int8 = bool(config.get("int8", False))
     base = {"trial_start": time.time(), "lr": train_cfg.lr, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
@@ -199,7 +209,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
         cache: Any = _SharedCache(ray.get_actor(LATENCY_CACHE))
     except ValueError:
         cache = {}
-    epochs, shipped, artifacts = spec["search"]["finetune_epochs"], {}, {}
+    epochs, shipped, artifacts = plan.finetune_epochs, {}, {}
     df = _sweep(model.eval(), splits, sweep_cfg, train_cfg, cache, method, ratio, epochs, shipped, artifacts)
     # next to the dense checkpoint, kept with it (the final report's checkpoint)
     if not ckpt_path.is_file():  # trained before a restart: the dense weights came from the restored checkpoint

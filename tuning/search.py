@@ -27,7 +27,7 @@ from typing import Iterator
 
 from trainables import data
 from trainables.names import ACCURACY_FLOOR, DENSE_ACCURACY, LOCK_FILE, SPEC_FILE, TRACKING_FILE
-from tuning import cluster, jobs, quiet, registry, results, retention, runs, selection, tracking, tuner
+from tuning import cluster, jobs, quiet, registry, results, retention, runs, selection, space, tracking, tuner
 from tuning.results import SearchResult
 from trainables.errors import NotFound, SearchLocked, SpecError
 from tuning.spec import Spec, from_dict, new_run_dir
@@ -133,7 +133,8 @@ def _new_experiment_dir(spec: Spec, uri: str) -> Path:
     (exp_dir / TRACKING_FILE).write_text(uri)
     q = spec.search
     trials = f"grid over lr {q.grid_lrs}" if q.sampler == "grid" else f"{q.num_samples} trials, sampler {q.sampler}"
-    print(f"search {spec.name}: {trials}, objectives {', '.join(map(str, q.objectives))}; experiment dir "
+    print(f"search {spec.name}: {trials}, objectives {', '.join(map(str, q.objectives))}, own points drawn from "
+          f"{', '.join(space.own_methods(spec))}{' (+ INT8)' if spec.sweep.int8 else ''}; experiment dir "
           f"{exp_dir} (resume with `prunetune resume {exp_dir}`)", flush=True)
     print(f"tracking: MLflow at {uri} (experiment {spec.name!r})", flush=True)
     return exp_dir

@@ -22,13 +22,29 @@ import optuna
 import pandas as pd
 from ray.tune.search.optuna import OptunaSearch
 
+from trainables import compress
 from trainables.names import STUDY_FILE
 from trainables.sweep import table_from_report
 from tuning.pareto import Objective
 from tuning.spec import Spec
 
 Space = dict[str, optuna.distributions.BaseDistribution]
+# Objectives only removed work improves, and objectives that zeroed weights improve too.
+WORK_METRICS = {"latency_ms", "latency_p90_ms", "macs", "throughput_ips"}
+SIZE_METRICS = {"size_mb", "nonzero_params", "sparsity"}
 _CONSTRAINTS_KEY = "constraints"  # where Optuna's samplers read a trial's constraint values (set by add_trial's callers)
+
+
+def own_methods(spec: Spec) -> list[str]:
+    """The methods a trial's own (deployable) point is drawn from. With an objective only removed
+    work improves (latency), the ``[sweep] methods`` that remove work (channel pruning; INT8 comes
+    on top of any): an unstructured mask has the dense architecture and latency, so its point is
+    dominated by the dense point of the same trial. The unstructured methods stay in the
+    no-retrain curve, and enter this space when an objective rewards them (size, sparsity)."""
+    metrics = {o.metric for o in spec.search.objectives}
+    if metrics & SIZE_METRICS or not metrics & WORK_METRICS:
+        return list(spec.sweep.methods)
+    return [m for m in spec.sweep.methods if m in compress.STRUCTURED] or list(spec.sweep.methods)
 
 
 def optuna_space(spec: Spec) -> Space:
@@ -38,8 +54,9 @@ def optuna_space(spec: Spec) -> Space:
         "lr": optuna.distributions.FloatDistribution(q.lr_min, q.lr_max, log=True),
         "prune_ratio": optuna.distributions.FloatDistribution(q.ratio_min, q.ratio_max),
     }
-    if q.search_method and len(spec.sweep.methods) > 1:
-        space["method"] = optuna.distributions.CategoricalDistribution(spec.sweep.methods)
+    methods = own_methods(spec)
+    if q.search_method and len(methods) > 1:
+        space["method"] = optuna.distributions.CategoricalDistribution(methods)
     if spec.sweep.int8:
         space["int8"] = optuna.distributions.CategoricalDistribution([False, True])
     return space
@@ -137,6 +154,8 @@ def sweep_evidence(table: pd.DataFrame, trial: dict[str, Any], space: Space, met
             continue
         if ("method" not in space and p["method"] != own[0]) or ("int8" not in space and p["int8"]):
             continue
+        if "method" in space and p["method"] not in space["method"].choices:
+            continue  # the curve of a method the trials' own points are not drawn from
         if not ratio_dist.low <= p["ratio"] <= ratio_dist.high:
             continue
         values = [p.get(m) for m in metrics]

@@ -207,6 +207,8 @@ def _validate_ranges(spec: Spec) -> None:
     need(s.qat_epochs >= 1, f"[sweep] qat_epochs must be >= 1, got {s.qat_epochs}")
     need(s.runtime == "torch" or s.int8_mode == "ptq", "[sweep] int8_mode = 'qat' makes torch INT8 models; with "
          "runtime = 'onnxruntime' INT8 comes from ONNX Runtime's static quantization: use int8_mode = 'ptq'")
+    need(s.bn_recalibration >= 0, f"[sweep] bn_recalibration must be >= 0 (training images; 0 = off), got "
+         f"{s.bn_recalibration}")
     need(s.round_to >= 1, f"[sweep] round_to must be >= 1 (1 = no rounding), got {s.round_to}")
     need(s.latency_runs >= 1 and s.latency_threads >= 1, "[sweep] latency_runs and latency_threads must be >= 1")
     need(s.latency_warmup >= 0, f"[sweep] latency_warmup must be >= 0, got {s.latency_warmup}")

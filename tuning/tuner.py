@@ -67,7 +67,7 @@ def latency_cache() -> Iterator[Any]:
 
 
 def _trainable(spec: Spec, splits: Splits) -> Any:
-    from trainables.trainable import train_and_sweep
+    from trainables.trainable import TrialPlan, train_and_sweep
 
     q = spec.search
     # with a searcher Tune keeps one trial pending at a time, so trials start one worker start-up
@@ -75,7 +75,8 @@ def _trainable(spec: Spec, splits: Splits) -> Any:
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(cluster.slots(q))
     print(f"data: {spec.data.dataset}: train {len(splits.train)} / val {len(splits.val)} / test "
           f"{len(splits.test)} images (put in the object store once)", flush=True)
-    fn = tune.with_parameters(train_and_sweep, splits=splits, spec=spec.to_dict())
+    plan = TrialPlan(finetune_epochs=q.finetune_epochs, method=space.own_methods(spec)[0])
+    fn = tune.with_parameters(train_and_sweep, splits=splits, spec=spec.to_dict(), plan=plan)
     return tune.with_resources(fn, {"cpu": q.cpus_per_trial, "gpu": q.gpus_per_trial})
 
 
