@@ -1,14 +1,15 @@
 """Load: one search of many short trials against a real MLflow server, nothing lost (issue 14).
 
-Every trial trains CIFAR-ResNet18 for 1 epoch on 60 digits images and sweeps 3 points (global
-L1 at 0 and 0.5, plus its own sampled ratio; ``[search] finetune_epochs = 0``); Ray gets
+Every trial trains CIFAR-ResNet18 for 1 epoch on 60 digits images, sweeps 2 points (global L1 at
+0 and 0.5) and builds 2 (the dense model and its own sampled ratio, as ONNX files;
+``[search] finetune_epochs = 0``); Ray gets
 ``--slots`` *logical* CPUs, so that many trials run at once whatever the machine. The driver
 (Tune, the Optuna searcher with sweep feedback, the MLflow mirror, retention) runs in this
 process against an ``mlflow server`` process with basic authentication (SQLite backend).
 
 Checks (an AssertionError names what is missing): every trial ``done`` in ``trials.csv``;
 exactly one FINISHED child run per trial under one parent run; the Optuna study holds every
-trained trial plus one completed trial per other sweep point; after the search only the front's
+trained trial plus one completed trial per other built point; after the search only the front's
 trials keep a checkpoint, and no trial left its scratch checkpoint in the temp directory. Reports: wall time, trials per minute, the driver's CPU time as a share
 of wall time (the sampler thread below included: one directory walk every 5 s), its RSS (start,
 peak, end), disk (storage at its peak during the search and after retention, MLflow artifacts
@@ -136,7 +137,9 @@ def check(res, uri: str, trials: int) -> dict:
         deepcopy=False)
     trained = [s for s in study if s.user_attrs.get("source") != "sweep"]
     assert len(trained) == trials and all(s.state == optuna.trial.TrialState.COMPLETE for s in trained)
-    assert len(study) == len(res.points) == 3 * trials, (len(study), len(res.points))  # every point is evidence
+    # every trial: the curve (2 points) and its built points (dense and its own): every built point is evidence
+    built = res.points.artifact.notna().sum()
+    assert len(res.points) == 4 * trials and len(study) == built == 2 * trials, (len(study), built, len(res.points))
     leaked = _scratch_left(res.path.parent)
     assert not leaked, f"{len(leaked)} trial scratch directories left in {tempfile.gettempdir()}: {leaked[:3]}"
     kept = {d.parent.name for d in res.path.glob("*/checkpoint_*")}

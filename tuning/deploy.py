@@ -56,6 +56,11 @@ def requirements() -> list[str]:
     return [f"{n}=={metadata.version(n).split('+')[0]}" for n in ("mlflow", "numpy", "pandas", "onnx", "onnxruntime")]
 
 
+# MLflow copies the active run's metrics of the step a model is logged at onto the model: logged at a
+# step no metric of the run has, each point's model carries its own metrics only (logged at step 0).
+_MODEL_STEP = 1
+
+
 def log_model(packed: bytes, name: str, registered_name: str, example: np.ndarray, classes: list[str],
               metrics: dict[str, float], params: dict[str, str]) -> int:
     """Log the ONNX classifier ``packed`` (its bytes kept as they are) on the active MLflow run
@@ -76,6 +81,6 @@ def log_model(packed: bytes, name: str, registered_name: str, example: np.ndarra
                                      input_example=example, registered_model_name=registered_name,
                                      pip_requirements=requirements(), await_registration_for=60,
                                      save_as_external_data=False, onnx_execution_providers=["CPUExecutionProvider"],
-                                     params=params)
-    mlflow.log_metrics(metrics, model_id=info.model_id)
+                                     params=params, step=_MODEL_STEP)
+    mlflow.log_metrics(metrics, step=0, model_id=info.model_id)
     return int(info.registered_model_version)

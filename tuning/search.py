@@ -76,6 +76,7 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
             grid = tuner.restore(exp_dir, spec, splits).fit()
         else:
             grid = tuner.create(spec, exp_dir, splits, callbacks=[tracker] if tracker else []).fit()
+    space.fail_orphans(spec, exp_dir)
     rules = selection.rules_for(spec, splits.num_classes)
     res = results.collect(spec, exp_dir, grid, rules)
     if len(res.front):  # the trials' latencies are provisional: time the front quietly, recompute it

@@ -167,6 +167,20 @@ def sweep_evidence(table: pd.DataFrame, trial: dict[str, Any], space: Space, met
     return out
 
 
+def fail_orphans(spec: Spec, exp_dir: Path) -> int:
+    """Once every trial has ended: a study trial still RUNNING was asked for by a driver that died
+    before Tune recorded its trial (the resumed search went on without it). Tell it FAIL, so the
+    study says what happened; returns how many."""
+    storage = exp_dir / STUDY_FILE
+    if spec.search.sampler == "grid" or not storage.is_file():
+        return 0
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{storage}")
+    orphans = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING])
+    for t in orphans:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    return len(orphans)
+
+
 def make_searcher(spec: Spec, exp_dir: Path) -> SweepFeedbackSearch:
     """The searcher of a new search, its study in ``exp_dir``."""
     q = spec.search

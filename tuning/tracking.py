@@ -39,7 +39,7 @@ from ray.tune import Callback, ResultGrid
 
 from trainables.names import (CURVE_METRICS, DIVERGED, DONE, EPOCH_METRICS, ERROR, ERROR_TAG, EXPERIMENT_JSON, EXPERIMENT_TAGS,
                               HYPERVOLUME, KIND_TAG, PARENT_TAG, PHASE, POINT_METRICS, SEARCH, SEARCH_DIR_TAG,
-                              STATUS_TAG, SWEEP_CSV, TRAIN, TRIAL, TRIAL_ID_TAG)
+                              LOST, STATUS_TAG, SWEEP_CSV, TRAIN, TRIAL, TRIAL_ID_TAG)
 from trainables.sweep import table_from_report
 from tuning import runs
 
@@ -151,11 +151,16 @@ class MlflowTracking(Callback):
     def backfill(self, grid: ResultGrid) -> list[str]:
         """Log every trial of ``grid`` whose child run is missing or has not ended (it missed a
         result while the server was away, or the driver died) from the results Ray kept
-        (``Result.metrics_dataframe``: every report, in order). Returns the trial ids logged."""
+        (``Result.metrics_dataframe``: every report, in order). Returns the trial ids logged.
+
+        A run of no trial of ``grid`` that has not ended is a trial the driver started but Tune never
+        recorded (the driver died first; the resumed search went on without it): it ends FAILED,
+        tagged ``prunetune.status = lost``, instead of staying RUNNING for ever."""
         ended = self._refresh_runs()
-        done = []
+        done, known = [], set()
         for result in grid:
             reports = _reports(result)
+            known.update(r["trial_id"] for r in reports[-1:])
             if not reports or reports[-1]["trial_id"] in ended:
                 continue
             trial_id = reports[-1]["trial_id"]
@@ -167,6 +172,11 @@ class MlflowTracking(Callback):
             else:
                 self.end_trial(trial_id, result.config, reports[-1])
             done.append(trial_id)
+        for trial_id in sorted(set(self.runs) - known - ended):
+            self.client.set_tag(self.runs[trial_id], STATUS_TAG, LOST)
+            self.client.set_tag(self.runs[trial_id], ERROR_TAG, "the driver stopped before Ray Tune recorded this "
+                                "trial; the resumed search went on without it")
+            self.client.set_terminated(self.runs[trial_id], "FAILED")
         return done
 
     def log_search(self, files: list[Path], hypervolume: float | None, metrics: dict[str, float] | None = None) -> None:
