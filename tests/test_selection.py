@@ -97,3 +97,20 @@ def test_every_alias_is_named():
     front = pd.DataFrame({"accuracy": [0.9, 0.5], "latency_ms": [10.0, 1.0]})
     assert set(selection.pick(front, OBJECTIVES, Rules(), 0.9)) == set(selection.ALIASES)
     assert list(itertools.islice(selection.ALIASES, 3)) == ["best-accuracy", "fastest", "knee"]
+
+
+def test_aliases_mean_the_same_points_whatever_the_order_or_number_of_objectives():
+    """Aliases by role, not by position: ``latency_ms:min`` written first picks the same models, and
+    a third objective still names every alias (the knee is balanced over all of them)."""
+    rng = np.random.default_rng(3)
+    df = points([(float(a), float(l), 0.3, False, 2) for a, l in zip(rng.uniform(0.3, 0.9, 30), rng.uniform(1, 20, 30))])
+    df["size_mb"] = rng.uniform(1, 40, len(df))
+    rules = Rules(max_latency_ms=12.0)
+    swapped = [Objective("latency_ms", "min"), Objective("accuracy", "max")]
+    a = selection.pick(pareto.front(df, OBJECTIVES), OBJECTIVES, rules, 0.9)
+    b = selection.pick(pareto.front(df, swapped), swapped, rules, 0.9)
+    assert a == b and set(a) == set(selection.ALIASES)
+    assert df.loc[a["best-accuracy"], "accuracy"] == df.accuracy.max()
+    three = [*OBJECTIVES, Objective("size_mb", "min")]
+    c = selection.pick(pareto.front(df, three), three, rules, 0.9)
+    assert set(c) == set(selection.ALIASES) and c["best-accuracy"] == a["best-accuracy"] and c["fastest"] == a["fastest"]

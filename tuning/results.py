@@ -110,7 +110,8 @@ def _points(r: Result) -> pd.DataFrame | None:
 def plot_front(res: SearchResult, objectives: list[Objective]) -> Path | None:
     """``pareto.png``: the shippable points above the floor in blue, every other point grey (the
     no-retrain curve, points below the floor), the floor dashed, the front in red with each point
-    labelled with the recipe a user exports (lr, method, ratio, int8). Two objectives only.
+    labelled with the recipe a user exports (lr, method, ratio, int8). Two objectives only (with
+    more, the front is in ``pareto.csv`` and the registry, not drawn).
 
     Optuna's ``plot_pareto_front`` draws a study's trials instead, and the study holds only
     the points its search space can express: a grid search has no study, and sweep points at
@@ -126,7 +127,8 @@ def plot_front(res: SearchResult, objectives: list[Objective]) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (y, _), (x, _) = objectives
+    # accuracy up the y axis, the other objective along x, whatever the order in the experiment file
+    (y, _), (x, _) = sorted(objectives, key=lambda o: o.metric != "accuracy")
     shippable = selection.candidates(res.points, res.rules)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.scatter(res.points[x], res.points[y], s=12, c="lightgrey", label="not shippable (no-retrain, below the floor)")

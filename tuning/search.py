@@ -109,8 +109,7 @@ def _register(tracker: tracking.MlflowTracking, res: SearchResult, grid, spec: S
                   f"{', '.join(filled)}", flush=True)
         tracker.log_search(res.files(), res.hypervolume, {ACCURACY_FLOOR: res.rules.floor,
                                                            DENSE_ACCURACY: res.dense_accuracy})
-        objectives = spec.search.objectives
-        if len(res.front) and len(objectives) == 2 and spec.search.register_models:
+        if len(res.front) and spec.search.register_models:  # any number of objectives
             aliases = registry.register_front(tracker.uri, tracker.parent_id, res.front, res.aliases,
                                               res.checkpoints(), tracker.runs, spec, splits)
             print(f"registered model {spec.name!r}: " + ", ".join(f"{a} -> version {v}" for a, v in aliases.items()),

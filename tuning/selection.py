@@ -104,12 +104,14 @@ def feasible(points: pd.DataFrame, rules: Rules, dense_accuracy: float) -> pd.Se
 
 
 def pick(front: pd.DataFrame, objectives: list[Objective], rules: Rules, dense_accuracy: float) -> dict[str, Any]:
-    """Alias -> the front row (index label) it names. ``pick`` is there only when a point meets
-    the budgets (always, without budgets: then it is the fastest)."""
-    (acc, acc_mode), (lat, lat_mode) = objectives[0], objectives[1]
+    """Alias -> the front row (index label) it names, by what the alias means, whatever the order
+    or number of the objectives: ``best-accuracy`` the most accurate (validation), ``fastest`` the
+    lowest latency (ties: the more accurate), ``knee`` the balanced one over every objective, and
+    ``pick`` the fastest within the budgets, there only when a point meets them (always, without
+    budgets: then it is the fastest)."""
     out = {
-        "best-accuracy": front[acc].idxmax() if acc_mode == "max" else front[acc].idxmin(),
-        "fastest": front[lat].idxmin() if lat_mode == "min" else front[lat].idxmax(),
+        "best-accuracy": front.sort_values(["accuracy", "latency_ms"], ascending=[False, True]).index[0],
+        "fastest": front.sort_values(["latency_ms", "accuracy"], ascending=[True, False]).index[0],
         "knee": pareto.knee(front, objectives),
     }
     chosen = fastest_feasible(front, rules, dense_accuracy)
