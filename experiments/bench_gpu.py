@@ -82,7 +82,7 @@ def main() -> None:
         raise SystemExit("bench_gpu needs a CUDA GPU")
     props = torch.cuda.get_device_properties(0)
     print(f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}, CPU {measure._cpu_name()}", flush=True)
+          f"CUDA {torch.version.cuda}, CPU {measure.cpu_name()}", flush=True)
     splits = data.load(DataConfig(dataset="npz", path=args.data) if args.data else DataConfig()).to("cuda")
     print(f"data {args.data or 'digits'}: train {len(splits.train)} / val {len(splits.val)} / test {len(splits.test)}")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, label_smoothing=0.1)

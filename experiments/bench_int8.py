@@ -98,7 +98,7 @@ def main() -> None:
             row[f"first_{n}_accuracy_{args.emulate}"] = (emulated[(ratio, scheme)] == truth[:n]).mean()
             row[f"agree_fp32_{args.emulate}"] = (emulated[(ratio, scheme)] == emulated[(ratio, "fp32")]).mean()
         rows.append(row)
-    print(f"CPU {measure._cpu_name()} [{measure.cpu_flags()}], onnxruntime {ort_version()}, 1 thread; "
+    print(f"CPU {measure.cpu_name()} [{measure.cpu_flags()}], onnxruntime {ort_version()}, 1 thread; "
           f"{len(truth)} test images of {spec.data.dataset}; {args.checkpoint}")
     if args.emulate:
         print(f"emulated: qemu-x86_64 -cpu {args.emulate} (its CPUID: no AVX-512, no VNNI)")

@@ -30,7 +30,7 @@ def main() -> None:
     torch.manual_seed(0)
     dense = cifar_resnet18().eval()
     calibration = torch.randn(32, 3, 32, 32)
-    print(f"CPU {measure._cpu_name()}, {args.threads} thread(s), median of {args.runs} runs, torch {torch.__version__}")
+    print(f"CPU {measure.cpu_name()}, {args.threads} thread(s), median of {args.runs} runs, torch {torch.__version__}")
     print("ratio round_to stage_channels        MACs(M)  fp32_ms  p90_ms   cv" + ("   int8_ms  int8_cv" if args.int8 else ""))
     for ratio in ratios:
         for r in (int(v) for v in args.round_to.split(",")):

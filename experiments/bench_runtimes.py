@@ -63,7 +63,7 @@ def main() -> None:
     ort_dense = stats[(0.0, "onnxruntime", False)]["latency_ms"]
     table["speedup_vs_torch_dense"] = eager / table.latency_ms
     table["speedup_vs_ort_dense"] = ort_dense / table.latency_ms
-    print(f"CPU {measure._cpu_name()} [{measure.cpu_flags()}], {args.threads} thread(s), {args.runs} runs each in "
+    print(f"CPU {measure.cpu_name()} [{measure.cpu_flags()}], {args.threads} thread(s), {args.runs} runs each in "
           f"{args.rounds} interleaved rounds, torch {torch.__version__}, ORT INT8 scheme {ort.INT8_SCHEME}; "
           f"build_s: INT8 rows time the quantization alone")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

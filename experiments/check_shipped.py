@@ -91,7 +91,7 @@ def main() -> None:
                          "images": len(truth), "recorded": record.test_accuracy, "measured_file": accuracy,
                          "served": float((served == truth).mean()), "exported": float((exported == truth).mean()),
                          "same_labels": same, "export_exit": out.returncode})
-    print(f"CPU {measure._cpu_name()} [{measure.cpu_flags()}]; {args.model} in {uri}")
+    print(f"CPU {measure.cpu_name()} [{measure.cpu_flags()}]; {args.model} in {uri}")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print("identical labels and recorded accuracy everywhere" if ok else "MISMATCH")
     sys.exit(0 if ok else 1)

@@ -32,6 +32,8 @@ def test_fractional_gpu_slots(gpu_search):
     assert t.trial_start.max() < t.trial_end.min(), t.to_string()
     # each saw the GPU Ray assigned it; two trials per logical GPU
     assert sorted(t.cuda_visible_devices.astype(str)) == ["0", "0", "1", "1"], t.to_string()
+    # a latency objective: every trial's own point removes work (channel pruning), never a mask (global_l1)
+    assert set(t.method) == {"channel_l1"}, t.to_string()
 
 
 @pytest.mark.slow

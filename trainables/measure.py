@@ -207,7 +207,7 @@ def _stats(seconds: list[float], threads: int) -> dict:
         "latency_cv": statistics.pstdev(ms) / mean if mean > 0 else 0.0,
         "threads": threads,
         "runs": len(ms),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
     }
 
@@ -273,7 +273,7 @@ def has_vnni() -> bool:
     return any(f in cpu_flags().split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from trainables import data
+from trainables import data, measure
 from trainables.names import ACCURACY_FLOOR, DENSE_ACCURACY, LOCK_FILE, SPEC_FILE, TRACKING_FILE
 from tuning import cluster, jobs, quiet, registry, results, retention, runs, selection, space, tracking, tuner
 from tuning.results import SearchResult
@@ -136,7 +136,8 @@ def _new_experiment_dir(spec: Spec, uri: str) -> Path:
     print(f"search {spec.name}: {trials}, objectives {', '.join(map(str, q.objectives))}, own points drawn from "
           f"{', '.join(space.own_methods(spec))}{' (+ INT8)' if spec.sweep.int8 else ''}; experiment dir "
           f"{exp_dir} (resume with `prunetune resume {exp_dir}`)", flush=True)
-    print(f"tracking: MLflow at {uri} (experiment {spec.name!r})", flush=True)
+    print(f"tracking: MLflow at {uri} (experiment {spec.name!r}); this machine: {measure.cpu_name()} "
+          f"[{measure.cpu_flags() or 'no avx2'}]", flush=True)
     return exp_dir
 
 

@@ -85,7 +85,7 @@ class Verdict:
 
     def describe(self) -> str:
         r = self.record
-        return (f"on {measure._cpu_name()} [{measure.cpu_flags() or 'no avx2'}], onnxruntime {_ort_version()}: "
+        return (f"on {measure.cpu_name()} [{measure.cpu_flags() or 'no avx2'}], onnxruntime {_ort_version()}: "
                 f"test accuracy {self.test_accuracy:.4f} on {r.test_images} held-out images, recorded {r.test_accuracy:.4f} "
                 f"(on {r.cpu or 'an unrecorded CPU'} [{r.cpu_flags or '-'}]); "
                 f"{'the same bytes' if self.same_bytes else 'NOT the bytes that were measured'} (sha256 {r.sha256[:12]}); "
