@@ -39,13 +39,14 @@ INPUT, OUTPUT = "image", "logits"  # the core network's
 IMAGES, LABEL, PROBABILITIES, CLASS = "images", "label", "probabilities", "class"  # the classifier's
 
 # ORT static INT8 schemes: activation type, weight type, reduce_range (7-bit weights). x86 CPUs
-# without VNNI multiply u8 x s8 with VPMADDUBSW, whose 16-bit sums saturate: "u8s8" (ORT's
-# default types) lost 15 points on such a CPU. "s8s8" is what ORT's documentation recommends
-# first; "u8s8-7bit" is the 7-bit-weight workaround (OpenVINO's, and PyTorch's x86 default).
-# The default is chosen by measurement: experiments/bench_int8.py, BENCHMARKS.md.
+# without VNNI multiply u8 x s8 with VPMADDUBSW, whose pairwise sums saturate at 16 bits: "u8s8"
+# (ORT's default types) lost 15 points on such a CPU. With 7-bit weights a pair sums to at most
+# 2 x 255 x 64 = 32,640 < 32,767: "u8s8-7bit" cannot saturate (OpenVINO's workaround, PyTorch's x86
+# default), and keeps ORT's fast u8 x s8 kernels; "s8s8" ran 1.2x faster than fp32 where u8s8-7bit
+# ran 4x (experiments/bench_int8.py, BENCHMARKS.md), on a CPU with VNNI.
 INT8_SCHEMES = {"s8s8": ("QInt8", "QInt8", False), "u8s8": ("QUInt8", "QInt8", False),
                 "u8s8-7bit": ("QUInt8", "QInt8", True)}
-INT8_SCHEME = "s8s8"
+INT8_SCHEME = "u8s8-7bit"
 
 
 class OrtModel:
