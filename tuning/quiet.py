@@ -1,10 +1,10 @@
-"""Latency measured quiet, where it runs: the front's artifacts timed again with nothing else running.
+"""Latency measured quiet, where it runs: the candidates' artifacts timed again with nothing else running.
 
 A trial times each new architecture while other trials train on the same machine (and shares
 the figure through the latency cache), so its latencies are provisional: the quickstart's
 dense point had a CV of 0.23. Before the front is final and models are registered, the
-artifacts on the candidate front (one per architecture, and the dense one, for the speed-ups)
-are timed again in one Ray task that reserves every CPU of one node, so no trial or other task
+artifacts of every point that may enter the front (one per architecture, above the floor, and the
+dense one, for the speed-ups) are timed again in one Ray task that reserves every CPU of one node, so no trial or other task
 runs beside it: at least ``QUIET_RUNS`` timed runs each after warm-up, interleaved
 (:func:`trainables.measure.interleaved_latency`: a drift of the machine shifts them all alike),
 on ``[sweep] latency_threads`` threads; an architecture whose CV stays above ``CV_TARGET`` is
@@ -16,9 +16,9 @@ The node is the one with the most CPUs, or with ``[search] latency_target`` (a R
 resource, ``ray start --resources '{"NAME": 1}'``) the one that stands for the hardware you
 deploy on. What the task measured is kept in the search directory (``quiet.json``): a second
 end phase (``prunetune resume`` of a finished search, a crash inside it) reuses it and times
-only what it lacks and can still read. The front is recomputed from these values, which may
-bring other architectures onto it: they are timed in the next round. Every point says where
-its latency came from (``latency_source``: ``trial`` or ``quiet``).
+only what it lacks and can still read. The front is recomputed from these values; its artifacts
+not checked yet are checked in the next round. Every point says where its latency came from
+(``latency_source``: ``trial`` or ``quiet``).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import pandas as pd
 
 from trainables import data, measure, ort
 from trainables.errors import ClusterError
-from tuning import results
+from tuning import results, selection
 from tuning.results import LATENCY_QUIET, SearchResult
 from tuning.spec import Spec
 
@@ -98,12 +98,14 @@ def _artifact(res: SearchResult, row: Any) -> Path | None:
 
 
 def _jobs(res: SearchResult, store: dict[str, dict[str, Any]]) -> list[Job]:
-    """Each architecture on the front (and the dense fp32 one) not yet timed, and each artifact on
-    the front not yet checked, whose file still exists."""
+    """Each architecture of a point that may enter the front (every shippable point above the floor:
+    a provisional latency timed beside training can keep a point off the front it belongs on) and
+    the dense fp32 one, not yet timed, and each artifact on the front not yet checked, whose file
+    still exists."""
     points = res.points
     dense = points[(points.ratio == 0.0) & ~points.int8.astype(bool) & points.artifact.notna()]
     jobs: dict[tuple[str, str], Job] = {}
-    for r in pd.concat([res.front, dense.iloc[:1]]).itertuples():
+    for r in pd.concat([res.front, selection.candidates(points, res.rules), dense.iloc[:1]]).itertuples():
         path = _artifact(res, r)
         if path is None:
             continue
