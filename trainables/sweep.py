@@ -189,11 +189,12 @@ class _Sweep:
             row.update(artifact_sha256=onnx.sha256, test_labels_sha256=shipped.labels, test_images=len(self.test))
         return row
 
-    def ship(self, fp32: nn.Module, accuracy: tuple[float, float], int8: Callable[[], nn.Module] | None,
+    def ship(self, fp32: nn.Module, accuracy: Callable[[], tuple[float, float]], int8: Callable[[], nn.Module] | None,
              name: str) -> list[_Shipped]:
-        """The fp32 model (accuracy known for torch) and its INT8 (``int8`` makes the torch one) in the runtime."""
+        """The fp32 model and its INT8 (``int8`` makes the torch one) in the runtime; ``accuracy``
+        gives the torch fp32 one (asked only when torch is the runtime: ORT evaluates its own files)."""
         if self.cfg.runtime == "torch":
-            out = [_Shipped(False, fp32, accuracy)]
+            out = [_Shipped(False, fp32, accuracy())]
             if int8 is not None:
                 q = int8()
                 out.append(_Shipped(True, q, self.accuracy(q)))
@@ -229,8 +230,8 @@ class _Sweep:
                                           loss_fn)
             return compress.quantize_int8(fp32, self.calibration)
 
-        out = self.ship(fp32, self.accuracy(pruned) if epochs else before, int8 if c.int8 else None,
-                        f"{method} at ratio {ratio:g}")
+        out = self.ship(fp32, (lambda: self.accuracy(pruned)) if epochs else (lambda: before),
+                        int8 if c.int8 else None, f"{method} at ratio {ratio:g}")
         if ratio == 0.0:
             self._dense = out
         return before, out
@@ -260,7 +261,7 @@ class _Sweep:
         if self._dense:
             return self.latency(self._dense[0])["latency_ms"]
         m = compress.make_permanent(self.model).cpu().eval()
-        return self.latency(self.ship(m, self.dense_accuracy, None, "the dense model")[0])["latency_ms"]
+        return self.latency(self.ship(m, lambda: self.dense_accuracy, None, "the dense model")[0])["latency_ms"]
 
 
 def run_sweep(
