@@ -9,7 +9,11 @@ VPMADDUBSW): the CPU the issue saw a 15-point loss on, without that machine. The
 only evaluates the first ``--emulate-images`` test images (its latency means nothing; it runs
 ~100x slower); it imports numpy and onnxruntime alone.
 
-    python experiments/bench_int8.py CKPT [--ratios 0,0.3] [--emulate Haswell [--emulate-images 100]] [--runs 200]
+A pruned point is recovered as a search builds it: BatchNorm re-estimated, then ``--finetune``
+epochs on the labels (0: neither).
+
+    python experiments/bench_int8.py CKPT [--ratios 0,0.3] [--finetune 2] [--schemes s8s8,u8s8,u8s8-7bit]
+                                          [--emulate Haswell [--emulate-images 100]] [--runs 200]
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ def main() -> None:
     ap.add_argument("--emulate-images", type=int, default=100, help="test images the emulated run labels "
                     "(it runs ~100x slower)")
     ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--finetune", type=int, default=2, help="epochs a pruned point is fine-tuned (after adaptive BN)")
+    ap.add_argument("--schemes", default=",".join(("s8s8", "u8s8", "u8s8-7bit")))
     ap.add_argument("--evaluate", nargs="*", help=argparse.SUPPRESS)  # the emulated child: FILES IMAGES LABELS
     args = ap.parse_args()
     if args.evaluate:
@@ -54,6 +60,7 @@ def main() -> None:
     import torch
 
     from trainables import compress, data, measure, ort
+    from trainables.finetune import finetune
     from tuning.models import calibration_images, dense_from_checkpoint
 
     torch.set_num_threads(1)
@@ -65,9 +72,12 @@ def main() -> None:
     models: dict[tuple[float, str], ort.OrtModel] = {}
     for ratio in (float(r) for r in args.ratios.split(",")):
         fp32 = compress.make_permanent(compress.prune(dense, "channel_l1", ratio, round_to=spec.sweep.round_to)).eval()
+        if ratio > 0 and args.finetune:  # as a search builds a pruned point
+            fp32 = compress.recalibrate_bn(fp32, data.normalize(splits.train.x[: spec.sweep.bn_recalibration]))
+            fp32 = finetune(fp32, splits.train, spec.train, args.finetune, spec.sweep.finetune_lr)
         core = ort.export_core(fp32, splits.train.x.shape[1:], f"channel_l1 {ratio:g}")
         models[(ratio, "fp32")] = ort.OrtModel(ort.classifier(core, splits.classes))
-        for scheme in ort.INT8_SCHEMES:
+        for scheme in args.schemes.split(","):
             q = ort.quantize_core(core, calibration, scheme=scheme)
             models[(ratio, scheme)] = ort.OrtModel(ort.classifier(q, splits.classes))
     labels = {k: m.predict(images) for k, m in models.items()}
