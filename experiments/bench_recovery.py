@@ -1,14 +1,16 @@
-"""Recovering channel-pruned points at equal compute: no-retrain, adaptive BN, fine-tuning, distillation.
+"""Recovering channel-pruned points at equal compute: no-retrain, adaptive BN, fine-tuning, distillation, gradual pruning.
 
 For a trained checkpoint and channel_l1 ratios, every point is derived five ways and measured as
 it ships (the ONNX classifier in ONNX Runtime, fp32 and INT8): no retraining; BatchNorm
 statistics re-estimated on ``--bn-images`` training images ("adaptive BN"); then ``--epochs`` of
-fine-tuning on the labels; and of fine-tuning with distillation from the dense model given the
-same epochs (the teacher, and the equal-compute reference every drop is measured against). The
-dense fp32 model is timed in eager PyTorch too (the origin report's baseline). Prints test
-accuracy, batch-1 latency (interleaved, one thread) and the speed-ups against dense fp32 in
-eager PyTorch and in ONNX Runtime, and how well the cheap curves (no-retrain, adaptive BN) rank
-the ratios as fine-tuning does (Spearman's rho).
+fine-tuning on the labels; of fine-tuning with distillation from the dense model given the
+same epochs (the teacher, and the equal-compute reference every drop is measured against); and
+of gradual pruning: the same epochs, the ratio reached in one step per epoch on the cubic
+schedule of Zhu and Gupta ("To prune, or not to prune", 2017), each step followed by an epoch
+of training on the labels. The dense fp32 model is timed in eager PyTorch too (the origin
+report's baseline). Prints test accuracy, batch-1 latency (interleaved, one thread) and the
+speed-ups against dense fp32 in eager PyTorch and in ONNX Runtime, and how well the cheap curves
+(no-retrain, adaptive BN) rank the ratios as fine-tuning does (Spearman's rho).
 
     python experiments/bench_recovery.py CKPT [--ratios 0.1,0.2,0.3,0.5] [--epochs 3] [--runs 200]
 """
@@ -16,14 +18,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 
 import pandas as pd
 import torch
+import torch_pruning as tp
 from scipy.stats import spearmanr
+from torch import nn
 
 from trainables import compress, data, measure, ort
+from trainables.data import Split
 from trainables.finetune import distillation_loss, finetune
-from trainables.train import evaluate
+from trainables.train import TrainConfig, make_optimizer, plain_layout, train_one_epoch
 from tuning.models import calibration_images, dense_from_checkpoint
 
 
@@ -63,6 +69,9 @@ def main() -> None:
         ship("adaptive BN", ratio, recalibrated)
         ship("fine-tune", ratio, finetune(recalibrated, splits.train, train_cfg, args.epochs, args.lr))
         ship("fine-tune + KD", ratio, finetune(recalibrated, splits.train, train_cfg, args.epochs, args.lr, kd))
+        stepped = gradual(dense, ratio, splits.train, train_cfg, args.epochs, args.lr, spec.sweep.round_to)
+        assert compress.architecture_signature(stepped) == compress.architecture_signature(pruned)  # timed as one
+        ship("gradual", ratio, stepped)
     timed = {k: m for k, m in shipped.items() if k[0] in ("dense (+epochs)", "fine-tune")}  # one per architecture
     timed["eager"] = compress.make_permanent(teacher).eval()
     stats = measure.interleaved_latency(timed, threads=1, runs=args.runs, warmup=20, rounds=5)
@@ -82,6 +91,36 @@ def main() -> None:
         curve = table[(table.recipe == cheap) & ~table.int8].set_index("ratio").val_accuracy
         print(f"Spearman rho of {cheap} vs fine-tuned validation accuracy over the ratios: "
               f"{spearmanr(curve.loc[tuned.index], tuned).statistic:.2f}")
+
+
+def gradual(dense: nn.Module, ratio: float, split: Split, cfg: TrainConfig, epochs: int, lr: float,
+            round_to: int) -> nn.Module:
+    """``ratio`` of dense's channels removed in ``epochs`` steps on the cubic schedule, an epoch
+    of training after each, on one cosine lr curve over all epochs (as ``finetune``'s).
+
+    torch-pruning's iterative pruner counts every step's channels from the dense layer, so the
+    last step lands on the one-shot architecture. The optimizer is rebuilt after each step (the
+    parameters changed shape), so momentum restarts there.
+    """
+    model = compress.clone(dense).to(memory_format=torch.contiguous_format).eval()
+    cubic = lambda final, steps: [final * (1 - (1 - i / steps) ** 3) for i in range(steps + 1)]  # noqa: E731
+    pruner = tp.pruner.MetaPruner(
+        model, torch.zeros(1, *split.x.shape[1:]), importance=tp.importance.MagnitudeImportance(p=1),
+        pruning_ratio=ratio, iterative_steps=epochs, iterative_pruning_ratio_scheduler=cubic,
+        ignored_layers=[m for m in model.modules() if isinstance(m, nn.Linear)][-1:],
+        round_to=round_to if round_to > 1 else None,
+    )
+    ft = dataclasses.replace(cfg, epochs=epochs, lr=lr, schedule="cosine", optimizer="sgd")
+    steps = max(1, len(split) // ft.batch_size)
+    total = epochs * steps
+    for epoch in range(1, epochs + 1):
+        model.eval()
+        pruner.step()
+        opt = make_optimizer(model, ft)
+        done = (epoch - 1) * steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, d=done: 0.5 * (1 + math.cos(math.pi * min(s + d, total) / total)))
+        train_one_epoch(model, split, opt, sched, ft, 10_000 + epoch)
+    return plain_layout(model).eval()
 
 
 if __name__ == "__main__":
