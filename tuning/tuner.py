@@ -82,7 +82,7 @@ def _trainable(spec: Spec, splits: Splits) -> Any:
 
 def _reporter(spec: Spec) -> tune.ProgressReporter:
     return tune.CLIReporter(
-        parameter_columns=["lr", "prune_ratio", "method"],
+        parameter_columns=list(space.optuna_space(spec)),  # what is sampled (method only when there is a choice)
         metric_columns=[PHASE, "epoch", "val_accuracy", *(o.metric for o in spec.search.objectives)],
         max_report_frequency=30, print_intermediate_tables=True,
     )
