@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 import os
 import time
 from pathlib import Path
@@ -45,7 +44,7 @@ from trainables.train import DeviceError, Diverged, TrainConfig, fit
 LATENCY_CACHE = "prunetune_latency_cache"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class TrialPlan:
     """What the search asks of every trial beyond the ``[train]`` / ``[sweep]`` recipe (the trial
     does not read the driver's ``[search]`` table)."""
