@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import time
 
 import pandas as pd
 import torch
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="training threads (latency is timed on one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    start = time.perf_counter()
     dense, spec = dense_from_checkpoint(args.checkpoint)
     splits = data.load(spec.data)
     calibration = calibration_images(spec, splits)
@@ -60,6 +62,8 @@ def main() -> None:
             shipped[(name, ratio, q)] = m
             rows.append({"recipe": name, "ratio": ratio, "int8": q, "val_accuracy": m.evaluate(splits.val)[0],
                          "test_accuracy": m.evaluate(splits.test)[0]})
+        print(f"{time.perf_counter() - start:7.0f} s  {name} at {ratio:g}: val {rows[-2]['val_accuracy']:.3f} fp32, "
+              f"{rows[-1]['val_accuracy']:.3f} INT8", flush=True)
 
     ship("dense (+epochs)", 0.0, teacher)
     for ratio in (float(r) for r in args.ratios.split(",")):

@@ -87,7 +87,7 @@ def main() -> None:
             ok &= same and abs(accuracy - record.test_accuracy) < 1e-9 and out.returncode == 0
             rows.append({"version": v.version, "point": f"{v.tags['method']} {float(v.tags['ratio']):g}"
                          f"{' int8' if v.tags['int8'] == 'True' else ''}", "aliases": ",".join(
-                             a for a, n in client.get_registered_model(args.model).aliases.items() if str(n) == v.version),
+                             a for a, n in client.get_registered_model(args.model).aliases.items() if str(n) == str(v.version)),
                          "images": len(truth), "recorded": record.test_accuracy, "measured_file": accuracy,
                          "served": float((served == truth).mean()), "exported": float((exported == truth).mean()),
                          "same_labels": same, "export_exit": out.returncode})
