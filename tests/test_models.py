@@ -226,6 +226,20 @@ def test_a_point_nobody_built_is_re_derived_and_said_to_be(registered, tmp_path,
         models.dense_from_run(uri, client.create_run(client.get_run(trial).info.experiment_id).info.run_id, tmp_path)
 
 
+def test_a_point_nobody_fine_tuned_is_derived_as_the_sweep_measured_it(trained, spec, splits):
+    """A channel-pruned point without fine-tuned weights (the no-retrain curve, an unswept ratio)
+    re-estimates its BatchNorm statistics on the same training images as the sweep, so the model
+    an export re-derives scores what the sweep recorded."""
+    from trainables.sweep import run_sweep
+    from trainables.train import evaluate
+
+    dense, _ = models.dense_from_checkpoint(trained)
+    cfg = dataclasses.replace(spec.sweep, methods=["channel_l1"], ratios=[0.5], int8=False, latency_runs=1)
+    swept = run_sweep(dense, splits, cfg, spec.train, progress=False).set_index("ratio").loc[0.5]
+    derived = models.derive(dense, spec, Point("run", "channel_l1", 0.5, False))
+    assert (evaluate(derived, splits.val), evaluate(derived, splits.test)) == (swept.accuracy, swept.test_accuracy)
+
+
 def test_derive_is_deterministic_and_checks_the_point(trained, spec, splits):
     dense, _ = models.dense_from_checkpoint(trained)
     point = Point("run", "channel_l1", 0.5, False)

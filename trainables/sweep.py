@@ -122,6 +122,19 @@ class _Shipped:
     labels: str | None = None  # its test labels' digest (ort.labels_digest): what a verification compares
 
 
+def prune_point(model: nn.Module, method: str, ratio: float, cfg: SweepConfig,
+                train_images: torch.Tensor | None) -> nn.Module:
+    """``model`` pruned as a sweep prunes a point, before it is judged or fine-tuned: then, for a
+    structured method, its BatchNorm statistics re-estimated on the first ``cfg.bn_recalibration``
+    of ``train_images`` (the training split's uint8 images; None: not re-estimated, for weights
+    that bring their own). One function, so a point re-derived elsewhere
+    (``tuning.models.derive``) is the model the sweep measured."""
+    pruned = compress.prune(model, method, ratio, seed=cfg.seed, round_to=cfg.round_to)
+    if method in compress.STRUCTURED and ratio > 0.0 and cfg.bn_recalibration and train_images is not None:
+        pruned = compress.recalibrate_bn(pruned, normalize(train_images[: cfg.bn_recalibration]))
+    return pruned
+
+
 def artifact_name(method: str, ratio: float, int8: bool) -> str:
     """Where a deployable point's ONNX classifier is filed beside its trial's checkpoint."""
     return f"points/{point_key(method, ratio)}{'-int8' if int8 else ''}.onnx"
@@ -138,11 +151,6 @@ class _Sweep:
         self.calibration = normalize(splits.train.x[: cfg.calibration_size].cpu())
         self.dense_accuracy = self.accuracy(model)
         self._dense: list[_Shipped] | None = None
-
-    @functools.cached_property
-    def _bn_images(self) -> torch.Tensor:
-        """The training images a structured-pruned model re-estimates its BatchNorm statistics on."""
-        return normalize(self.splits.train.x[: self.cfg.bn_recalibration])
 
     @functools.cached_property
     def _cpu_splits(self) -> tuple[Split, Split]:
@@ -213,9 +221,7 @@ class _Sweep:
         if ratio == 0.0 and self._dense is not None:
             return self.dense_accuracy, self._dense  # the dense point is the same whatever the method
         c, epochs = self.cfg, self.cfg.finetune_epochs
-        pruned = compress.prune(self.model, method, ratio, seed=c.seed, round_to=c.round_to)
-        if method in compress.STRUCTURED and ratio > 0.0 and c.bn_recalibration:
-            pruned = compress.recalibrate_bn(pruned, self._bn_images)  # before it is judged, and before fine-tuning
+        pruned = prune_point(self.model, method, ratio, c, self.splits.train.x)
         before = self.dense_accuracy if ratio == 0.0 else self.accuracy(pruned)
         loss_fn = None  # the dense point: plain continued training, the equal-compute reference
         if epochs and ratio > 0.0 and c.distill:

@@ -30,7 +30,7 @@ from trainables.checkpoint import load_checkpoint, model_from_checkpoint
 from trainables.errors import CheckpointError, ModelError
 from trainables.names import (CHECKPOINT_ARTIFACT, CHECKPOINT_DIR, DEPLOYABLE_ARTIFACT, DEPLOYABLE_FILE, EXPERIMENT_JSON,
                               PARENT_TAG, SWEEP_CSV, CheckpointMeta)
-from trainables.sweep import point_key
+from trainables.sweep import point_key, prune_point
 from tuning import deploy, retention, selection
 from tuning.spec import Spec, from_dict
 from tuning.verify import Record, Verdict, check
@@ -185,7 +185,9 @@ def load_trained(path: str | Path) -> tuple[nn.Module, Spec, data.Splits]:
 
 def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | None = None,
            calibration: torch.Tensor | None = None, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """The deployable model of ``point``: prune -> bake masks in -> (``weights``: the point's
+    """The deployable model of ``point``: prune as the sweep did (``prune_point``; without
+    ``weights``, a channel-pruned model re-estimates its BatchNorm statistics on ``splits``'
+    training images, loaded if not given) -> bake masks in -> (``weights``: the point's
     fine-tuned fp32 weights, from its trial's :data:`~trainables.names.DEPLOYABLE_FILE`) -> INT8
     (calibrated on the same training images as the sweep: ``calibration``, else the first of
     ``splits``, loaded if not given). Without ``weights`` any ratio in [0, 1) works, swept or
@@ -195,7 +197,9 @@ def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | Non
         compress.check_ratio(point.ratio)
     except ValueError as e:
         raise ModelError(str(e)) from None
-    pruned = compress.prune(dense, point.method, point.ratio, seed=spec.sweep.seed, round_to=spec.sweep.round_to)
+    if weights is None:  # the sweep's no-retrain point: BatchNorm re-estimated on its training images
+        splits = splits if splits is not None else data.load(spec.data)
+    pruned = prune_point(dense, point.method, point.ratio, spec.sweep, splits.train.x if weights is None else None)
     model = compress.make_permanent(pruned).eval()
     if weights is not None:
         model.load_state_dict(weights)
@@ -248,7 +252,7 @@ def export_point(uri: str, point: Point, fmt: str, out: str | Path) -> Exported:
     splits = data.load(spec.data)
     n = spec.sweep.eval_size or len(splits.test)
     test = data.Split(splits.test.x[:n], splits.test.y[:n])
-    fp32 = derive(dense, spec, dataclasses.replace(point, int8=False), weights=weights)
+    fp32 = derive(dense, spec, dataclasses.replace(point, int8=False), splits, weights=weights)
     how = f"re-derived from trial run {point.run_id}'s dense checkpoint" + (
         " and its fine-tuned weights" if weights is not None else " (no fine-tuned weights for this point)")
     if fmt == "onnx":
