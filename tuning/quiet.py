@@ -105,7 +105,7 @@ def _jobs(res: SearchResult, store: dict[str, dict[str, Any]]) -> list[Job]:
     points = res.points
     dense = points[(points.ratio == 0.0) & ~points.int8.astype(bool) & points.artifact.notna()]
     jobs: dict[tuple[str, str], Job] = {}
-    for r in pd.concat([res.front, selection.candidates(points, res.rules), dense.iloc[:1]]).itertuples():
+    for r in pd.concat([selection.candidates(points, res.rules), dense.iloc[:1]]).itertuples():  # the front among them
         path = _artifact(res, r)
         if path is None:
             continue
