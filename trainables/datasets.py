@@ -4,17 +4,34 @@
 any height and width, 1 or 3 channels; integer labels ``0..classes-1``) and the class names by
 label. :mod:`trainables.data` makes the splits, the size and the statistics from them.
 
-Sources:
+Sources (five):
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 real images, no network) as 3 channels;
   a fixed 20% stratified test split.
 - ``npz``: a file with ``x_train, y_train, x_test, y_test`` (and optionally ``class_names``).
-- ``cifar10``, ``cifar100``: torchvision's python format under ``[data] root``; with
-  ``download = true`` torchvision fetches and verifies it once. Read arrays-only, cached as npz.
-- ``imagefolder``: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` image files.
+- ``cifar10``, ``cifar100``: torchvision's python format under ``[data] root``
+  (``cifar-10-batches-py/``, ``cifar-100-python/``; CIFAR-100 by its 100 fine labels); with
+  ``download = true`` torchvision fetches and verifies it once. One reader serves both, driven
+  by a small table of file names. The batches are pickles, so they are read arrays-only (a
+  tampered file cannot run code), once: then cached as ``ROOT/cifar10_uint8.npz`` /
+  ``ROOT/cifar100_uint8.npz``.
+- ``imagefolder``: ``ROOT/train/<class>/*`` and ``ROOT/test/<class>/*`` image files (png, jpg,
+  bmp, webp, ...; class names are the training folders, sorted). Every image is decoded with
+  PIL at ``[data] image_size`` (required: shorter side resized, then centre-cropped), since a
+  folder of photos of many sizes has no size "as stored". Decoding is slow, so the arrays are
+  cached once beside the folders, ``ROOT/.prunetune-cache-<size>-<hash>.npz``, keyed by every
+  file's path, size and modification time: adding, removing or changing an image rebuilds it.
+  A read-only ROOT works without the cache.
+
+Caches are read with ``allow_pickle=False``; an unreadable or mismatched cache is rebuilt.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import pickle
+import sys
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +55,7 @@ def _load_npz(path: str) -> tuple[Arrays, list[str]]:
                 raise DataError(f"{p} lacks arrays {sorted(missing)}; it has {sorted(f.files)}")
             arrays = tuple(f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
             names = [str(n) for n in f["class_names"]] if "class_names" in f.files else None
-    except (ValueError, OSError) as e:  # not an npz, or object arrays
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not an npz (or cut short), or object arrays
         raise DataError(f"{p} is not an .npz of plain arrays ({str(e).splitlines()[0][:200]}); write it with "
                         "numpy.savez(x_train=..., y_train=..., x_test=..., y_test=...)") from None
     check_arrays(str(p), *arrays, num_classes=len(names) if names else None)
@@ -57,6 +74,7 @@ def check_arrays(where: str, x_train: np.ndarray, y_train: np.ndarray, x_test: n
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"{where}: x_train images are {x_train.shape[1:]} but x_test {x_test.shape[1:]}; both splits "
                         "need one size and channel count (or set [data] image_size to resize both)")
+    for name, x, y, y_name in (("x_train", x_train, y_train, "y_train"), ("x_test", x_test, y_test, "y_test")):
         if not len(x):
             raise DataError(f"{where}: {name} is empty; every split needs images")
         if y.ndim != 1 or y.dtype.kind not in "iu":
@@ -74,73 +92,171 @@ def check_arrays(where: str, x_train: np.ndarray, y_train: np.ndarray, x_test: n
                             "class indices 0..classes-1")
 
 
-_CIFAR_DIR = "cifar-10-batches-py"
-_CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass(frozen=True)
+class _CifarFormat:
+    """Where one of torchvision's CIFAR python formats keeps its batches, labels and class names."""
+
+    title: str  # for messages
+    torchvision: str  # its class in torchvision.datasets: url, filename and tgz_md5 of the archive
+    archive: str  # the archive it extracts from (named in messages without importing torchvision)
+    directory: str  # under [data] root
+    train: tuple[str, ...]  # batch files, in order
+    test: str
+    label_key: str  # the label list in each batch
+    names_file: str | None  # a pickled dict holding the class names, or None: the names are fixed
+    names_key: str
+    names: tuple[str, ...]  # the fixed names (names_file None); also for a cache written without names
+    cache: str  # under [data] root
+
+
+_CIFAR = {
+    "cifar10": _CifarFormat("CIFAR-10", "CIFAR10", "cifar-10-python.tar.gz", "cifar-10-batches-py",
+                            tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "labels",
+                            None, "label_names", CIFAR10_CLASSES, "cifar10_uint8.npz"),
+    "cifar100": _CifarFormat("CIFAR-100", "CIFAR100", "cifar-100-python.tar.gz", "cifar-100-python",
+                             ("train",), "test", "fine_labels", "meta", "fine_label_names", (), "cifar100_uint8.npz"),
+}
 
 
 class _ArraysOnly(pickle.Unpickler):
-    """torchvision's CIFAR format is pickled: unpickle lists, dicts and numpy arrays only, never
-    the other callables a pickle can name (a tampered batch file would run them)."""
+    """torchvision's CIFAR format is pickled: unpickle lists, dicts, str and numpy arrays only,
+    never the other callables a pickle can name (a tampered batch file would run them)."""
 
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype")}
+    where = "?"
+    archive = "the archive"
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
             raise DataError(f"{self.where}: a CIFAR batch holds lists and arrays only, this one names {module}.{name}; "
-                            "refused (a tampered file?): extract cifar-10-python.tar.gz again")
+                            f"refused (a tampered file?): extract {self.archive} again")
         return super().find_class(module, name)
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        unpickler = _ArraysOnly(f, encoding="latin1")
-        unpickler.where = str(path)
-        entry = unpickler.load()
-    if not isinstance(entry, dict) or "data" not in entry or not ({"labels", "fine_labels"} & set(entry)):
-        raise DataError(f"{path} is not a CIFAR batch (a dict with data and labels); extract cifar-10-python.tar.gz again")
-    x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    y = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
+def _unpickle_cifar(path: Path, fmt: _CifarFormat) -> dict:
+    try:
+        with open(path, "rb") as f:
+            unpickler = _ArraysOnly(f, encoding="latin1")  # the files are Python 2 pickles
+            unpickler.where, unpickler.archive = str(path), fmt.archive
+            entry = unpickler.load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as e:
+        raise DataError(f"{path} is not a readable {fmt.title} pickle ({type(e).__name__}: {str(e)[:120]}); "
+                        f"extract {fmt.archive} again") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path} is not a {fmt.title} file (a pickled dict); extract {fmt.archive} again")
+    return entry
+
+
+def _read_cifar_batch(path: Path, fmt: _CifarFormat = _CIFAR["cifar10"]) -> tuple[np.ndarray, np.ndarray]:
+    entry = _unpickle_cifar(path, fmt)
+    if "data" not in entry or fmt.label_key not in entry:
+        raise DataError(f"{path} is not a {fmt.title} batch (a dict with data and {fmt.label_key}); "
+                        f"extract {fmt.archive} again")
+    data = np.asarray(entry["data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: data must be N x 3072 uint8 (32 x 32 RGB, channel planes), got {data.dtype} "
+                        f"{data.shape}; extract {fmt.archive} again")
+    x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    y = np.asarray(entry[fmt.label_key], dtype=np.int64)
     return x, y
 
 
-def _load_cifar10(root: str, download: bool) -> tuple[np.ndarray, ...]:
+def _cifar_names(base: Path, fmt: _CifarFormat) -> list[str]:
+    if fmt.names_file is None:
+        return list(fmt.names)
+    path = base / fmt.names_file
+    names = _unpickle_cifar(path, fmt).get(fmt.names_key)
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path} lacks {fmt.names_key} (a list of class names); extract {fmt.archive} again")
+    return names
+
+
+def _read_cache(path: Path) -> tuple[Arrays, list[str] | None] | None:
+    """A cache this module wrote: the four arrays (checked) and its class names (None when it
+    has none); None when absent or not one (then it is rebuilt). Arrays only, never pickles."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = tuple(f[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+            names = [str(n) for n in f["class_names"]] if "class_names" in f.files else None
+        check_arrays(str(path), *arrays, num_classes=len(names) if names else None)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, DataError):
+        return None  # truncated, foreign or tampered: the sources make it again
+    return arrays, names  # type: ignore[return-value]
+
+
+def _write_cache(path: Path, arrays: Arrays, names: list[str]) -> bool:
+    """Write the arrays and names to ``path`` whole or not at all (a temporary file renamed into
+    place, so an interrupted write never leaves a half cache); False where ``path``'s directory is
+    read-only or full: the data still loads, just without the cache."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, x_train=arrays[0], y_train=arrays[1], x_test=arrays[2], y_test=arrays[3],
+                     class_names=np.array(names, dtype=str))
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return False
+
+
+def _load_cifar(dataset: str, root: str, download: bool) -> tuple[Arrays, list[str]]:
+    """CIFAR-10 or CIFAR-100 (``dataset``, a key of :data:`_CIFAR`) under ``root``: from its
+    cache, else from torchvision's batches (downloaded first when ``download`` and absent)."""
+    fmt = _CIFAR[dataset]
     root_p = Path(root)
-    cache = root_p / "cifar10_uint8.npz"
-    if cache.is_file():
-        return _load_npz(str(cache))[0]
-    base = root_p / _CIFAR_DIR
-    files = [base / n for n in _CIFAR_TRAIN + ["test_batch"]]
+    cache = root_p / fmt.cache
+    cached = _read_cache(cache)
+    if cached is not None:
+        arrays, names = cached
+        if names or len(fmt.names) == int(arrays[1].max()) + 1:
+            return arrays, names or list(fmt.names)
+    base = root_p / fmt.directory
+    files = [base / n for n in fmt.train + (fmt.test,) + ((fmt.names_file,) if fmt.names_file else ())]
     if not all(f.is_file() for f in files) and download:
-        from torchvision.datasets import CIFAR10
+        import torchvision.datasets
         from torchvision.datasets.utils import download_and_extract_archive
 
+        tv = getattr(torchvision.datasets, fmt.torchvision)
         try:  # the archive's MD5 is checked; the batches are read below, arrays only
-            download_and_extract_archive(CIFAR10.url, str(root_p), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+            download_and_extract_archive(tv.url, str(root_p), filename=tv.filename, md5=tv.tgz_md5)
         except Exception as e:  # network errors come in many types
             raise DataError(
-                f"could not download CIFAR-10 into {root_p}: {e}. Without internet, copy the "
-                f"python version ({_CIFAR_DIR}/ from cifar-10-python.tar.gz) under {root_p} "
+                f"could not download {fmt.title} into {root_p}: {e}. Without internet, copy the "
+                f"python version ({fmt.directory}/ from {fmt.archive}) under {root_p} "
                 "and set [data] download = false"
             ) from None
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise DataError(
-            f"CIFAR-10 not found under {root_p} (missing {', '.join(missing[:2])}"
+            f"{fmt.title} not found under {root_p} (missing {', '.join(missing[:2])}"
             f"{' ...' if len(missing) > 2 else ''}). Set [data] download = true to fetch it "
-            f"(needs internet), or put torchvision's {_CIFAR_DIR}/ under {root_p} "
+            f"(needs internet), or put torchvision's {fmt.directory}/ under {root_p} "
             "([data] root = DIR)"
         )
-    train = [_read_cifar_batch(f) for f in files[:-1]]
-    x_test, y_test = _read_cifar_batch(files[-1])
+    train = [_read_cifar_batch(base / n, fmt) for n in fmt.train]
+    x_test, y_test = _read_cifar_batch(base / fmt.test, fmt)
     x_train = np.concatenate([x for x, _ in train])
     y_train = np.concatenate([y for _, y in train])
-    check_arrays(str(base), x_train, y_train, x_test, y_test, num_classes=10)
-    try:
-        np.savez(cache, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    except OSError:
-        pass  # a read-only root still works, just without the cache
-    return x_train, y_train, x_test, y_test
+    names = _cifar_names(base, fmt)
+    check_arrays(str(base), x_train, y_train, x_test, y_test, num_classes=len(names))
+    arrays = (x_train, y_train, x_test, y_test)
+    _write_cache(cache, arrays, names)  # a read-only root still works, just without the cache
+    return arrays, names
+
+
+def _load_cifar10(root: str, download: bool) -> Arrays:
+    """CIFAR-10's four arrays (see :func:`_load_cifar`)."""
+    return _load_cifar("cifar10", root, download)[0]
 
 
 def _load_digits() -> tuple[np.ndarray, ...]:
@@ -156,19 +272,116 @@ def _load_digits() -> tuple[np.ndarray, ...]:
     return x_tr, y_tr, x_te, y_te
 
 
+# The file types imagefolder reads (torchvision's ImageFolder's list, plus gif); anything else in a
+# class folder (notes, thumbnails' databases) is left alone, as are hidden files and folders.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm")
+PROGRESS_EVERY = 1000  # decoded images between progress lines on stderr (none for smaller folders)
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (its subfolders too, as torchvision's ImageFolder), sorted."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _class_folders(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    """One image file as ``size`` x ``size`` x 3 uint8: RGB, shorter side resized to ``size``
+    (bilinear; PIL antialiases when shrinking), then the centre ``size`` x ``size`` cut out."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            if (nw, nh) != (w, h):
+                im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for a bad file (OSError, SyntaxError, ValueError, bombs)
+        raise DataError(f"{path} is not an image PIL can decode ({type(e).__name__}: {str(e)[:120]}); "
+                        "replace or remove the file") from None
+
+
+def _load_imagefolder(root: str, image_size: int) -> tuple[Arrays, list[str]]:
+    """``root``/train/<class>/* and ``root``/test/<class>/* decoded at ``image_size``, from the
+    cache beside them when no file changed since it was written."""
+    if image_size <= 0:
+        raise DataError("imagefolder decodes every image at one size and needs it: set [data] image_size "
+                        "(e.g. 32, or 224 for photos) to the side of the square images the model trains on")
+    root_p = Path(root)
+    train_dir, test_dir = root_p / "train", root_p / "test"
+    for d in (train_dir, test_dir):
+        if not d.is_dir():
+            raise DataError(f"imagefolder: {d} not found; [data] root must be a folder holding train/<class>/ and "
+                            "test/<class>/ folders of images (one folder per class)")
+    classes = [p.name for p in _class_folders(train_dir)]
+    if len(classes) < 2:
+        raise DataError(f"imagefolder: {train_dir} has {len(classes)} class folder(s) {classes}; a classifier needs "
+                        "at least two (train/<class>/ holds that class's images)")
+    test_classes = [p.name for p in _class_folders(test_dir)]
+    extra = sorted(set(test_classes) - set(classes))
+    if extra:
+        raise DataError(f"imagefolder: {test_dir} has class folder(s) {extra} that {train_dir} lacks; every test "
+                        "class needs training images: add them under train/ or remove the test folder(s)")
+    # (split index, label, file) for every image, in a fixed order: split, class, path
+    items: list[tuple[int, int, Path]] = []
+    for split, split_dir, names in ((0, train_dir, classes), (1, test_dir, test_classes)):
+        for name in names:
+            files = _image_files(split_dir / name)
+            if not files:
+                raise DataError(f"imagefolder: {split_dir / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                "add images or remove the folder")
+            items += [(split, classes.index(name), f) for f in files]
+    if not any(split == 1 for split, _, _ in items):
+        raise DataError(f"imagefolder: {test_dir} has no class folders; put test images in test/<class>/ folders")
+
+    key = hashlib.sha256(f"imagefolder v1 {image_size}\n".encode())
+    for _, _, f in items:
+        st = f.stat()
+        key.update(f"{f.relative_to(root_p).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    cache = root_p / f".prunetune-cache-{image_size}-{key.hexdigest()[:16]}.npz"
+    cached = _read_cache(cache)
+    if cached is not None and cached[1] == classes and cached[0][0].shape[1:3] == (image_size, image_size):
+        return cached[0], classes
+
+    x = np.empty((len(items), image_size, image_size, 3), np.uint8)
+    for i, (_, _, f) in enumerate(items):
+        x[i] = _decode(f, image_size)
+        if (i + 1) % PROGRESS_EVERY == 0:
+            print(f"imagefolder: decoded {i + 1}/{len(items)} images of {root_p} at {image_size} x {image_size}",
+                  file=sys.stderr, flush=True)
+    split_of = np.array([s for s, _, _ in items])
+    y = np.array([label for _, label, _ in items], dtype=np.int64)
+    arrays = (x[split_of == 0], y[split_of == 0], x[split_of == 1], y[split_of == 1])
+    check_arrays(str(root_p), *arrays, num_classes=len(classes))
+    if _write_cache(cache, arrays, classes):  # a read-only root works, decoding every time
+        for old in root_p.glob(f".prunetune-cache-{image_size}-*.npz"):
+            if old != cache:  # the files changed since: that cache can never match again
+                try:
+                    old.unlink(missing_ok=True)
+                except OSError:
+                    pass
+    return arrays, classes
 
 
 def read(cfg) -> tuple[Arrays, list[str]]:
-    """The whole dataset, checked, and its class names by label: CIFAR-10's, an npz file's
-    ``class_names`` array when it has one, else the labels themselves ("0", "1", ...)."""
+    """The whole dataset, checked, and its class names by label: CIFAR-10's, CIFAR-100's fine
+    labels', an imagefolder's (its training folders, sorted), an npz file's ``class_names``
+    array when it has one, else the labels themselves ("0", "1", ...)."""
     if cfg.dataset == "digits":
         return _load_digits(), [str(i) for i in range(10)]
     if cfg.dataset == "npz":
         return _load_npz(cfg.path)
-    if cfg.dataset == "cifar10":
-        return _load_cifar10(cfg.root, cfg.download), list(CIFAR10_CLASSES)
-    raise DataError(f"unknown dataset {cfg.dataset!r}; use digits, npz or cifar10")
-
-
+    if cfg.dataset in _CIFAR:
+        return _load_cifar(cfg.dataset, cfg.root, cfg.download)
+    if cfg.dataset == "imagefolder":
+        return _load_imagefolder(cfg.root, cfg.image_size)
+    raise DataError(f"unknown dataset {cfg.dataset!r}; use digits, npz, cifar10, cifar100 or imagefolder "
+                    "([data] dataset)")
