@@ -73,13 +73,13 @@ def main() -> None:
     for ratio in (float(r) for r in args.ratios.split(",")):
         fp32 = compress.make_permanent(compress.prune(dense, "channel_l1", ratio, round_to=spec.sweep.round_to)).eval()
         if ratio > 0 and args.finetune:  # as a search builds a pruned point
-            fp32 = compress.recalibrate_bn(fp32, data.normalize(splits.train.x[: spec.sweep.bn_recalibration]))
+            fp32 = compress.recalibrate_bn(fp32, splits.train.normalized(spec.sweep.bn_recalibration))
             fp32 = finetune(fp32, splits.train, spec.train, args.finetune, spec.sweep.finetune_lr)
-        core = ort.export_core(fp32, splits.train.x.shape[1:], f"channel_l1 {ratio:g}")
-        models[(ratio, "fp32")] = ort.OrtModel(ort.classifier(core, splits.classes))
+        core = ort.export_core(fp32, f"channel_l1 {ratio:g}")
+        models[(ratio, "fp32")] = ort.OrtModel(ort.classifier(core, splits.classes, *splits.stats))
         for scheme in args.schemes.split(","):
             q = ort.quantize_core(core, calibration, scheme=scheme)
-            models[(ratio, scheme)] = ort.OrtModel(ort.classifier(q, splits.classes))
+            models[(ratio, scheme)] = ort.OrtModel(ort.classifier(q, splits.classes, *splits.stats))
     labels = {k: m.predict(images) for k, m in models.items()}
     stats = measure.interleaved_latency(models, threads=1, runs=args.runs, warmup=20, rounds=5)
     emulated: dict[tuple[float, str], np.ndarray] = {}

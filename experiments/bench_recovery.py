@@ -49,7 +49,7 @@ def main() -> None:
     dense, spec = dense_from_checkpoint(args.checkpoint)
     splits = data.load(spec.data)
     calibration = calibration_images(spec, splits)
-    bn_images = data.normalize(splits.train.x[: args.bn_images])
+    bn_images = splits.train.normalized(args.bn_images)
     train_cfg = dataclasses.replace(spec.train, threads=args.threads)
     teacher = finetune(dense, splits.train, train_cfg, args.epochs, args.lr)  # the equal-compute dense model
     kd = distillation_loss(teacher.eval(), spec.sweep, train_cfg.label_smoothing)
@@ -57,7 +57,7 @@ def main() -> None:
 
     def ship(name: str, ratio: float, model: torch.nn.Module) -> None:
         fp32, int8 = ort.build(compress.make_permanent(model).eval(), splits.classes,
-                               input_shape=tuple(splits.train.x.shape[1:]), calibration=calibration)
+                               splits.stats, calibration=calibration)
         for m, q in ((fp32, False), (int8, True)):
             shipped[(name, ratio, q)] = m
             rows.append({"recipe": name, "ratio": ratio, "int8": q, "val_accuracy": m.evaluate(splits.val)[0],

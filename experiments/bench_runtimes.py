@@ -44,12 +44,12 @@ def main() -> None:
         seconds[(ratio, "torch", True)] = time.perf_counter() - t
         models[(ratio, "torch", False)] = fp32
         t = time.perf_counter()
-        core = ort.export_core(fp32, splits.train.x.shape[1:])
-        models[(ratio, "onnxruntime", False)] = ort.OrtModel(ort.classifier(core, splits.classes), args.threads)
+        core = ort.export_core(fp32)
+        models[(ratio, "onnxruntime", False)] = ort.OrtModel(ort.classifier(core, splits.classes, *splits.stats), args.threads)
         seconds[(ratio, "onnxruntime", False)] = time.perf_counter() - t
         t = time.perf_counter()
         q = ort.quantize_core(core, calibration)
-        models[(ratio, "onnxruntime", True)] = ort.OrtModel(ort.classifier(q, splits.classes), args.threads)
+        models[(ratio, "onnxruntime", True)] = ort.OrtModel(ort.classifier(q, splits.classes, *splits.stats), args.threads)
         seconds[(ratio, "onnxruntime", True)] = time.perf_counter() - t
         for key, m in models.items():
             if key[0] == ratio:

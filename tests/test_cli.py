@@ -157,7 +157,7 @@ def test_sweep_bad_checkpoints(tmp_path):
     assert r.returncode == 2 and "not found" in r.stderr
     torch.save({"arch": "vit_b_16", "model": {}}, tmp_path / "vit.pt")
     r = prunetune_here("sweep", str(tmp_path / "vit.pt"))
-    assert r.returncode == 2 and "vit_b_16" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "vit.pt is not a complete prunetune checkpoint: epoch (missing)" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_submit_and_search_address_errors(tiny_spec_file):

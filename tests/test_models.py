@@ -18,7 +18,7 @@ from conftest import prunetune_here
 from trainables import compress, data, ort
 from trainables.checkpoint import save_checkpoint
 from trainables.errors import ModelError
-from trainables.model import ARCH
+from trainables.model import DEFAULT_ARCH
 from trainables.names import CHECKPOINT_FILE, DEPLOYABLE_FILE, CheckpointMeta
 from trainables.sweep import artifact_name
 from trainables.train import TrainConfig, fit
@@ -53,7 +53,7 @@ def trained(tmp_path_factory, spec, splits):
 
 def _point_row(model: torch.nn.Module, spec, splits, ckpt, method: str, ratio: float, int8: bool) -> dict:
     """Build a point's artifact as a trial does, file it beside ``ckpt``, and return its row."""
-    built = ort.build(model, splits.classes, calibration=models.calibration_images(spec, splits) if int8 else None)[-1]
+    built = ort.build(model, splits.classes, splits.stats, calibration=models.calibration_images(spec, splits) if int8 else None)[-1]
     name = artifact_name(method, ratio, int8)
     (ckpt.parent / name).parent.mkdir(exist_ok=True)
     built.save(ckpt.parent / name)
@@ -155,7 +155,7 @@ def test_the_registered_model_takes_uint8_images_and_answers_with_class_names(re
     assert list(out["class"]) == [splits.classes[i] for i in out["label"]]
     assert np.allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-5)
     with pytest.raises(Exception, match=r"(?i)shape"):
-        model.predict(data.normalize(splits.test.x[:3]).numpy().astype(np.uint8))  # NCHW
+        model.predict(splits.test.normalized(3).numpy().astype(np.uint8))  # NCHW
     reqs = open(mlflow.pyfunc.get_model_dependencies(f"models:/{spec.name}@fastest")).read()
     assert "onnxruntime==" in reqs and "torch" not in reqs  # nothing of prunetune or torch runs when it is served
 
@@ -180,7 +180,7 @@ def test_a_file_that_loses_accuracy_here_fails_verification(registered, spec, sp
     torch.nn.init.zeros_(broken.fc.weight)
     with torch.no_grad():
         broken.fc.bias.copy_(torch.arange(10.0))  # label 9, whatever the image
-    (tmp_path / "bad.onnx").write_bytes(ort.build(broken, splits.classes)[0].onnx_bytes)
+    (tmp_path / "bad.onnx").write_bytes(ort.build(broken, splits.classes, splits.stats)[0].onnx_bytes)
     version = MlflowClient(uri).get_model_version_by_alias(spec.name, "best-accuracy").version
     r = prunetune_here("verify", f"models:/{spec.name}/{version}", "--file", str(tmp_path / "bad.onnx"),
                        "--tracking-uri", uri)
@@ -255,7 +255,8 @@ def test_derive_is_deterministic_and_checks_the_point(trained, spec, splits):
 def test_dense_from_checkpoint_brings_back_its_spec(trained, spec):
     model, again = models.dense_from_checkpoint(trained)
     assert again.to_dict() == spec.to_dict() and not model.training
-    assert torch.load(trained, weights_only=True)["arch"] == ARCH
+    saved = torch.load(trained, weights_only=True)
+    assert (saved["arch"], saved["stem"], saved["input_shape"]) == (DEFAULT_ARCH, "cifar", [3, 32, 32])
     save_checkpoint(trained.with_name("copy.pt"), torch.load(trained, weights_only=True))
     assert models.dense_from_checkpoint(trained.with_name("copy.pt"))[1].to_dict() == spec.to_dict()
 
@@ -265,7 +266,7 @@ def test_int8_holds_within_one_point_of_fp32_on_the_digits(trained, splits):
     digit (360 images: one point is 3.6 of them), on this machine's CPU."""
     dense, spec = models.dense_from_checkpoint(trained)
     test = data.load(dataclasses.replace(spec.data, test_size=0)).test
-    fp32, int8 = ort.build(compress.make_permanent(dense), splits.classes,
+    fp32, int8 = ort.build(compress.make_permanent(dense), splits.classes, splits.stats,
                            calibration=models.calibration_images(spec, splits))
     a, b = fp32.evaluate(test)[0], int8.evaluate(test)[0]
     assert a > 0.15 and abs(a - b) <= 0.01, (a, b)  # better than chance (0.1), and INT8 within a point

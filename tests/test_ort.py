@@ -129,7 +129,7 @@ def test_sweep_in_onnxruntime_goes_on_past_a_point_ort_cannot_take(tiny, monkeyp
     assert len(ok) == 6 and ok.accuracy.notna().all() and ok.latency_ms.gt(0).all()
     # fp32 rows are evaluated by running the ONNX classifier on uint8 images: the same predictions as PyTorch
     dense_row = ok[(ok.method == "global_l1") & (ok.ratio == 0.0) & ~ok.int8].iloc[0]
-    val = data.Split(tiny.val.x[:20], tiny.val.y[:20])
+    val = tiny.val.head(20)
     assert dense_row.accuracy == evaluate(dense, val)
     assert ok[ok.int8].size_mb.max() < 0.4 * ok[~ok.int8].size_mb.min()
     assert ok.artifact_sha256.str.len().eq(64).all() and ok.test_labels_sha256.notna().all()

@@ -358,10 +358,10 @@ def test_mlflow_models_serve_answers_with_the_labels_pytorch_predicts(gpu_search
         dense, _ = models.dense_from_checkpoint(ckpt)
         model = models.derive(dense, spec, point, weights=models.fine_tuned_weights(ckpt, point))
         with torch.inference_mode():
-            assert got == model(data.normalize(test.x[:8])).argmax(1).tolist()
+            assert got == model(test.normalized(8)).argmax(1).tolist()
         status, out = post({"inputs": test.x[:2].numpy().tolist()})  # channels first (N x 3 x 32 x 32)
         assert status == 400 and "expected shape (-1, 32, 32, 3)" in out["message"], out
-        normalised = data.normalize(test.x[:2]).permute(0, 2, 3, 1).numpy()  # floats around 0, not pixels
+        normalised = test.normalized(2).permute(0, 2, 3, 1).numpy()  # floats around 0, not pixels
         status, out = post({"inputs": normalised.tolist()})
         assert status == 400 and "uint8" in out["message"], out
     finally:

@@ -31,7 +31,7 @@ def test_table_rows_and_columns(trained):
     assert len(df) == 4 and set(df.method) == {"global_l1", "channel_l1"} and not df.int8.any()
     g = df[df.method == "global_l1"].set_index("ratio")
     assert g.loc[0.5, "sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert g.loc[0.0, "accuracy"] == evaluate(model, splits.val.__class__(splits.val.x[:30], splits.val.y[:30]))
+    assert g.loc[0.0, "accuracy"] == evaluate(model, splits.val.head(30))
     c = df[df.method == "channel_l1"].set_index("ratio")
     assert c.loc[0.5, "macs"] < 0.5 * c.loc[0.0, "macs"]
     assert c.loc[0.5, "nonzero_params"] < g.loc[0.5, "nonzero_params"]
@@ -116,7 +116,7 @@ def test_finetuning_gives_the_dense_point_equal_compute(trained):
     dense = df[df.ratio == 0.0]
     assert len(dense) == 2 and dense.accuracy.nunique() == 1  # fine-tuned once, the same for every method
     # the row's "before" is the trained model; its accuracy is the model after the same epochs as the pruned points
-    assert dense.accuracy_no_finetune.iloc[0] == evaluate(model, splits.val.__class__(splits.val.x[:30], splits.val.y[:30]))
+    assert dense.accuracy_no_finetune.iloc[0] == evaluate(model, splits.val.head(30))
     plain = run_sweep(model, splits, quick(ratios=[0.0, 0.7]), TRAIN, progress=False)
     assert (plain.finetune_epochs == 0).all() and plain.accuracy_no_finetune.isna().all()
 

@@ -79,9 +79,14 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a prunetune checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
-    torch.save({"arch": "resnet50"}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="resnet50"):
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a checkpoint written by prunetune"):
         load_checkpoint(tmp_path / "other.pt")
+    torch.save({"arch": "resnet50"}, tmp_path / "part.pt")
+    with pytest.raises(CheckpointError, match="not a complete prunetune checkpoint: epoch"):
+        load_checkpoint(tmp_path / "part.pt")
+    with pytest.raises(CheckpointError, match="does not say what network"):  # no stem, classes, input shape
+        model_from_checkpoint({"arch": "resnet50", "model": {}})
 
 
 def test_a_trial_scratch_dir_reaps_those_of_killed_trials(tmp_path, monkeypatch):

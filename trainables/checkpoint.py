@@ -1,10 +1,13 @@
 """Checkpoint files: written atomically, read back with errors that say what is wrong.
 
 A checkpoint (written by :func:`trainables.train.fit`, for ``prunetune train`` and for every
-trial alike) is a dict: ``arch``, ``num_classes``, ``epoch``, ``model`` (state dict), ``optimizer``,
+trial alike) is a dict: the network (``arch``, ``stem``, ``num_classes``, ``input_shape``: a
+:class:`trainables.model.Network`), what its inputs are (``classes``, ``mean`` and ``std``, per
+channel on the 0-1 scale), ``epoch``, ``model`` (state dict), ``optimizer``,
 ``scheduler``, ``rng``, ``device`` (where it trained), ``train`` (the recipe), ``meta``
 (:class:`trainables.names.CheckpointMeta`: the experiment spec and the sampled config) and
-``history`` (one dict per epoch).
+``history`` (one dict per epoch). Checkpoints written before ``[model]`` (``arch =
+"cifar_resnet18"``) still load: ResNet18, cifar stem, 3 x 32 x 32, CIFAR-10's statistics.
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from trainables.errors import CheckpointError
-from trainables.model import ARCH, cifar_resnet18
+from trainables.data import MEAN, STD
+from trainables.model import Network, build
 
 
 class ResumeWarning(UserWarning):
@@ -101,9 +105,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                               "could run code)") from None
     except Exception as e:
         raise CheckpointError(f"{path} is not a prunetune checkpoint: {_first_line(e)}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH:
-        found = ckpt.get("arch") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path} is not a {ARCH} checkpoint written by prunetune (found {found!r})")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("arch"), str):
+        found = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"arch {ckpt.get('arch')!r}"
+        raise CheckpointError(f"{path} is not a checkpoint written by prunetune (found {found})")
     wrong = [f"{k} ({'missing' if k not in ckpt else type(ckpt[k]).__name__})" for k, tp in _REQUIRED.items()
              if not isinstance(ckpt.get(k), tp)]
     if wrong:
@@ -117,10 +121,26 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
-    model = cifar_resnet18(ckpt.get("num_classes", 10))
-    model.load_state_dict(ckpt["model"])
+def model_from_checkpoint(ckpt: dict[str, Any], trusted: str = "") -> nn.Module:
+    """The checkpoint's network with its weights. ``trusted``: the ``[model] arch`` of the
+    experiment file being run, the only user factory this may import (:func:`trainables.model.build`)."""
+    try:
+        net = Network.from_checkpoint(ckpt)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint does not say what network it holds ({e!r} missing or malformed); "
+                              "`prunetune train FILE` writes complete ones") from None
+    model = build(net, trusted)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"the checkpoint's weights do not fit its network {net.arch}: "
+                              f"{str(e).splitlines()[0][:200]}") from None
     return model
+
+
+def input_stats(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std (0-1 scale, per channel) the checkpoint's model was trained with."""
+    return tuple(ckpt.get("mean", MEAN)), tuple(ckpt.get("std", STD))
 
 
 # Knobs that do not change the result; everything else ([train] and [data]) must match to continue a run

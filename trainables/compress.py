@@ -32,6 +32,8 @@ import torch_pruning as tp
 from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
+from trainables.model import carry_input_shape, example_input
+
 METHODS = ("global_l1", "layer_l1", "global_random", "channel_l1")
 # The methods that remove work (a smaller dense network): the only ones that can make a point faster
 # than the dense model at the same dtype. The unstructured ones only zero weights (a smaller file).
@@ -41,7 +43,6 @@ STRUCTURED = ("channel_l1",)
 ROUND_TO = 8
 
 # One CIFAR image; used to trace the graph for channel pruning and FX quantization.
-_EXAMPLE_SHAPE = (1, 3, 32, 32)
 _QUANT_BACKEND = "x86"
 _CALIBRATION_BATCH = 64
 
@@ -196,7 +197,7 @@ def quantize_int8(model: nn.Module, calibration: torch.Tensor) -> nn.Module:
         with torch.no_grad():
             for batch in calibration.split(_CALIBRATION_BATCH):
                 prepared(batch)
-    return convert_int8(prepared)
+    return convert_int8(carry_input_shape(model, prepared))
 
 
 def prepare_qat(model: nn.Module) -> nn.Module:
@@ -205,16 +206,16 @@ def prepare_qat(model: nn.Module) -> nn.Module:
     as it trains). Train it (on any device), then :func:`convert_int8` it. Masks are made
     permanent first: keep pruned zeros at zero yourself (see ``trainables.sweep``)."""
     with _quiet_quantization():
-        example = (torch.zeros(_EXAMPLE_SHAPE),)
-        return prepare_qat_fx(make_permanent(model).cpu().train(), get_default_qat_qconfig_mapping(_QUANT_BACKEND),
-                              example)
+        prepared = prepare_qat_fx(make_permanent(model).cpu().train(), get_default_qat_qconfig_mapping(_QUANT_BACKEND),
+                                  (example_input(model),))
+        return carry_input_shape(model, prepared)
 
 
 def convert_int8(prepared: nn.Module) -> nn.Module:
     """A calibrated (:func:`quantize_int8`) or quantization-aware trained (:func:`prepare_qat`)
     model -> the INT8 CPU model."""
     with _quiet_quantization():
-        return convert_fx(prepared.cpu().eval()).eval()
+        return carry_input_shape(prepared, convert_fx(prepared.cpu().eval()).eval())
 
 
 @contextlib.contextmanager
@@ -277,7 +278,7 @@ def _channel_l1(model: nn.Module, ratio: float, round_to: int) -> nn.Module:
     device = next(model.parameters()).device
     pruner = tp.pruner.MetaPruner(
         model,
-        torch.zeros(_EXAMPLE_SHAPE, device=device),
+        example_input(model, device=device),
         importance=tp.importance.MagnitudeImportance(p=1),
         pruning_ratio=ratio,
         ignored_layers=classifier,  # keep the output classes

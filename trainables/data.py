@@ -55,14 +55,18 @@ class DataConfig:
 class Split:
     x: torch.Tensor  # uint8 N x C x H x W
     y: torch.Tensor  # int64 N
-    mean: tuple[float, ...] = MEAN  # per channel, 0-1 scale: what normalises these images for the model
-    std: tuple[float, ...] = STD
+    mean: tuple[float, ...]  # per channel, 0-1 scale: what normalises these images for the model
+    std: tuple[float, ...]
 
     def __len__(self) -> int:
         return len(self.y)
 
     def to(self, device: torch.device | str) -> "Split":
         return Split(self.x.to(device), self.y.to(device), self.mean, self.std)
+
+    def head(self, n: int) -> "Split":
+        """The first ``n`` images (all when ``n`` <= 0), with the same normalisation."""
+        return self if n <= 0 or n >= len(self) else Split(self.x[:n], self.y[:n], self.mean, self.std)
 
     def normalized(self, n: int | None = None) -> torch.Tensor:
         """The first ``n`` images (all by default) as the model sees them: float, normalised."""

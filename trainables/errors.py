@@ -58,7 +58,8 @@ class Diverged(InputError):
 
 
 class ModelError(InputError, ValueError):
-    """A run, model alias or export request that cannot be served; says why."""
+    """A ``[model]`` that names no network or weights that do not fit, or a run, model alias or
+    export request that cannot be served; says why."""
 
 
 class NotFound(InputError, LookupError):

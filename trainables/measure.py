@@ -19,11 +19,11 @@ import torch.nn as nn
 import torch.ao.nn.quantized as nnq
 
 from trainables.compress import clone, is_quantized, make_permanent
+from trainables.model import example_input, input_shape
 from trainables.ort import OrtModel
 
 K = TypeVar("K", bound=Hashable)
 
-_INPUT_SHAPE = (3, 32, 32)
 _CONV_TYPES = (nn.Conv2d, nnq.Conv2d)
 _LINEAR_TYPES = (nn.Linear, nnq.Linear)
 
@@ -94,7 +94,7 @@ def size_mb(model: nn.Module) -> float:
 
 
 def macs(model: nn.Module) -> int:
-    """Return multiply-accumulates of conv and linear layers for one 1x3x32x32 input.
+    """Return multiply-accumulates of conv and linear layers for one input image (of the model's size).
 
     Counted with forward hooks from each layer's output shape, so it reflects the graph
     that runs: unstructured masks remove no work (a masked model has the dense model's
@@ -124,7 +124,7 @@ def macs(model: nn.Module) -> int:
     for _, module in prunable_layers(probe):
         module.register_forward_hook(count)
     with torch.no_grad():
-        probe(torch.zeros(1, *_INPUT_SHAPE))
+        probe(example_input(probe))
     return total
 
 
@@ -136,7 +136,7 @@ def cpu_latency(
     warmup: int = 10,
     batch_size: int = 1,
 ) -> dict:
-    """Measure CPU inference latency of ``model`` on random 32x32 inputs.
+    """Measure CPU inference latency of ``model`` on random inputs of its size.
 
     Runs ``warmup`` untimed then ``runs`` timed forward passes (``time.perf_counter`` each)
     in eval and inference mode with exactly ``threads`` intra-op threads (restored after).
@@ -193,7 +193,7 @@ def _forward(model: nn.Module | OrtModel, batch_size: int) -> Callable[[], objec
     if isinstance(model, OrtModel):
         feed = model.feed(batch_size)
         return lambda: model.session.run(None, feed)
-    inputs = torch.randn(batch_size, *_INPUT_SHAPE, generator=torch.Generator().manual_seed(0))
+    inputs = torch.randn(batch_size, *input_shape(model), generator=torch.Generator().manual_seed(0))
     timed = clone(model).cpu().eval().to(memory_format=torch.contiguous_format)  # the layout that ships
     return lambda: timed(inputs)
 
@@ -223,7 +223,7 @@ def gpu_throughput(model: nn.Module, *, batch_size: int = 256, runs: int = 20) -
         return None
     device = torch.device("cuda")
     timed = make_permanent(model).eval().to(device, memory_format=torch.channels_last)
-    inputs = torch.randn(batch_size, *_INPUT_SHAPE, device=device).to(
+    inputs = torch.randn(batch_size, *input_shape(model), device=device).to(
         memory_format=torch.channels_last
     )
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

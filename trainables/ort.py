@@ -10,7 +10,7 @@ exported as those bytes (``OrtModel.sha256`` names them). Its graph:
 - :func:`quantize_core`: ONNX Runtime's static INT8 of that graph (QDQ, per-channel weights,
   ranges calibrated on training images) in one of the schemes of :data:`INT8_SCHEMES`;
 - :func:`classifier`: the core with the preprocessing in front (``images``: uint8
-  ``batch x H x W x 3`` as decoded, the training normalisation inside) and ``label``,
+  ``batch x H x W x C`` as decoded, the training normalisation inside) and ``label``,
   ``probabilities`` and ``class`` (the class name) behind.
 
 The session runs like a deployment: ``intra_op_num_threads`` fixed, sequential execution,
@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from trainables.data import MEAN, STD, Split
 from trainables.errors import OrtError
+from trainables.model import example_input
 
 INPUT, OUTPUT = "image", "logits"  # the core network's
 IMAGES, LABEL, PROBABILITIES, CLASS = "images", "label", "probabilities", "class"  # the classifier's
@@ -119,10 +120,10 @@ def labels_digest(labels: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(labels, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
-def export_core(model: nn.Module, input_shape: Sequence[int] = (3, 32, 32), name: str = "model") -> bytes:
-    """``model`` (fp32, masks baked in, on any device) -> ONNX bytes with a dynamic batch axis,
-    exported with the ``torch.export``-based exporter."""
-    example = torch.zeros(1, *input_shape)
+def export_core(model: nn.Module, name: str = "model") -> bytes:
+    """``model`` (fp32, masks baked in, on any device) -> ONNX bytes for images of its size
+    with a dynamic batch axis, exported with the ``torch.export``-based exporter."""
+    example = example_input(model)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -169,7 +170,7 @@ def quantize_core(core: bytes, calibration: torch.Tensor, name: str = "model", s
 def classifier(core: bytes, classes: Sequence[str], mean: Sequence[float] = MEAN,
                std: Sequence[float] = STD) -> bytes:
     """``core`` with the preprocessing in front and the answer behind: input ``images`` (uint8
-    ``batch x H x W x 3``, RGB as decoded), outputs ``label`` (int64), ``probabilities`` and
+    ``batch x H x W x C``, RGB (or grey) as decoded), outputs ``label`` (int64), ``probabilities`` and
     ``class`` (the label's name). The core graph is kept node for node (its names prefixed
     ``core_``); ``mean`` and ``std`` are the training normalisation (0-1 scale)."""
     import onnx
@@ -207,14 +208,16 @@ def classifier(core: bytes, classes: Sequence[str], mean: Sequence[float] = MEAN
     return whole.SerializeToString()
 
 
-def build(model: nn.Module, classes: Sequence[str], *, input_shape: Sequence[int] = (3, 32, 32), threads: int = 1,
-          name: str = "model", calibration: torch.Tensor | None = None) -> list[OrtModel]:
-    """The shipped classifiers of ``model`` (fp32, masks baked in): its fp32 one and, given
-    ``calibration`` images, its INT8 one, each loaded in a session of ``threads`` threads."""
-    core = export_core(model, input_shape, name)
-    out = [OrtModel(classifier(core, classes), threads, name)]
+def build(model: nn.Module, classes: Sequence[str], stats: tuple[Sequence[float], Sequence[float]], *,
+          threads: int = 1, name: str = "model", calibration: torch.Tensor | None = None) -> list[OrtModel]:
+    """The shipped classifiers of ``model`` (fp32, masks baked in) for its images, normalised with
+    ``stats`` (the training mean and std): its fp32 one and, given ``calibration`` images, its
+    INT8 one, each loaded in a session of ``threads`` threads."""
+    core = export_core(model, name)
+    out = [OrtModel(classifier(core, classes, *stats), threads, name)]
     if calibration is not None:
-        out.append(OrtModel(classifier(quantize_core(core, calibration, name), classes), threads, f"{name} (int8)"))
+        out.append(OrtModel(classifier(quantize_core(core, calibration, name), classes, *stats), threads,
+                            f"{name} (int8)"))
     return out
 
 

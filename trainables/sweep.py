@@ -101,10 +101,6 @@ def table_from_report(report: Mapping[str, Any]) -> pd.DataFrame | None:
     return pd.DataFrame.from_records(json.loads(text))
 
 
-def _head(split: Split, n: int) -> Split:
-    return split if n <= 0 else Split(split.x[:n], split.y[:n])
-
-
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
@@ -123,15 +119,14 @@ class _Shipped:
 
 
 def prune_point(model: nn.Module, method: str, ratio: float, cfg: SweepConfig,
-                train_images: torch.Tensor | None) -> nn.Module:
+                train: Split | None) -> nn.Module:
     """``model`` pruned as a sweep prunes a point, before it is judged or fine-tuned: then, for a
     structured method, its BatchNorm statistics re-estimated on the first ``cfg.bn_recalibration``
-    of ``train_images`` (the training split's uint8 images; None: not re-estimated, for weights
-    that bring their own). One function, so a point re-derived elsewhere
+    of ``train`` (the training split; None: not re-estimated, for weights that bring their own). One function, so a point re-derived elsewhere
     (``tuning.models.derive``) is the model the sweep measured."""
     pruned = compress.prune(model, method, ratio, seed=cfg.seed, round_to=cfg.round_to)
-    if method in compress.STRUCTURED and ratio > 0.0 and cfg.bn_recalibration and train_images is not None:
-        pruned = compress.recalibrate_bn(pruned, normalize(train_images[: cfg.bn_recalibration]))
+    if method in compress.STRUCTURED and ratio > 0.0 and cfg.bn_recalibration and train is not None:
+        pruned = compress.recalibrate_bn(pruned, train.normalized(cfg.bn_recalibration))
     return pruned
 
 
@@ -147,8 +142,8 @@ class _Sweep:
     def __init__(self, model: nn.Module, splits: Splits, cfg: SweepConfig, train_cfg: TrainConfig,
                  cache: MutableMapping[str, dict[str, Any]]) -> None:
         self.model, self.splits, self.cfg, self.train_cfg, self.cache = model, splits, cfg, train_cfg, cache
-        self.val, self.test = _head(splits.val, cfg.eval_size), _head(splits.test, cfg.eval_size)
-        self.calibration = normalize(splits.train.x[: cfg.calibration_size].cpu())
+        self.val, self.test = splits.val.head(cfg.eval_size), splits.test.head(cfg.eval_size)
+        self.calibration = normalize(splits.train.x[: cfg.calibration_size].cpu(), *splits.stats)
         self.dense_accuracy = self.accuracy(model)
         self._dense: list[_Shipped] | None = None
 
@@ -207,8 +202,7 @@ class _Sweep:
                 q = int8()
                 out.append(_Shipped(True, q, self.accuracy(q)))
             return out
-        built = ort.build(fp32, self.splits.classes, input_shape=tuple(self.splits.train.x.shape[1:]),
-                          threads=self.cfg.latency_threads, name=name,
+        built = ort.build(fp32, self.splits.classes, self.splits.stats, threads=self.cfg.latency_threads, name=name,
                           calibration=self.calibration if int8 is not None else None)
         out = []
         for onnx, is_int8 in zip(built, (False, True)):
@@ -221,7 +215,7 @@ class _Sweep:
         if ratio == 0.0 and self._dense is not None:
             return self.dense_accuracy, self._dense  # the dense point is the same whatever the method
         c, epochs = self.cfg, self.cfg.finetune_epochs
-        pruned = prune_point(self.model, method, ratio, c, self.splits.train.x)
+        pruned = prune_point(self.model, method, ratio, c, self.splits.train)
         before = self.dense_accuracy if ratio == 0.0 else self.accuracy(pruned)
         loss_fn = None  # the dense point: plain continued training, the equal-compute reference
         if epochs and ratio > 0.0 and c.distill:

@@ -1,4 +1,4 @@
-"""Train and evaluate CIFAR-ResNet18: ``train_one_epoch`` / ``evaluate`` / ``fit``.
+"""Train and evaluate a classifier (ResNet18 by default): ``train_one_epoch`` / ``evaluate`` / ``fit``.
 
 No Ray here, so this runs and benchmarks standalone. The recipe, top to bottom:
 SGD with Nesterov momentum and weight decay (or Adam), a one-cycle (triangle) / cosine / constant schedule
@@ -34,7 +34,7 @@ import torch.nn as nn
 from trainables.checkpoint import restore, save_checkpoint
 from trainables.errors import DeviceError, Diverged
 from trainables.data import Split, Splits, eval_batches, train_batches
-from trainables.model import ARCH, cifar_resnet18
+from trainables.model import ModelConfig, Network, build, load_weights
 
 
 @dataclass
@@ -203,8 +203,11 @@ def fit(
     resume: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    model_cfg: ModelConfig | None = None,
 ) -> FitResult:
-    """Train a fresh CIFAR-ResNet18 (or continue ``resume``) on ``splits`` for ``cfg.epochs``.
+    """Train a fresh ``model_cfg`` network (ResNet18 by default; or continue ``resume``) on
+    ``splits`` for ``cfg.epochs``, its output layer sized from the classes and its first layer
+    from the images; ``[model] weights`` start a fresh run.
 
     ``splits`` should already be on the training device. After every epoch the checkpoint is
     written (when ``checkpoint_path`` is given) and ``on_epoch(metrics)`` is called.
@@ -214,7 +217,14 @@ def fit(
     if cfg.threads > 0 and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = for_training(cifar_resnet18(splits.num_classes).to(device), device, cfg.amp)
+    model_cfg = model_cfg or ModelConfig()
+    net = Network.of(model_cfg, splits.num_classes, splits.input_shape)
+    model = build(net, trusted=model_cfg.arch)
+    if model_cfg.weights and resume is None:
+        fresh = load_weights(model, model_cfg.weights, net.arch)
+        print(f"prunetune: {net.arch} starts from {model_cfg.weights}"
+              + (f"; fresh: {', '.join(fresh)}" if fresh else ""), flush=True)
+    model = for_training(model.to(device), device, cfg.amp)
     opt = make_optimizer(model, cfg)
     steps = max(1, len(splits.train) // cfg.batch_size)
     sched = make_scheduler(opt, cfg, steps)
@@ -239,7 +249,8 @@ def fit(
         images += stats["images"]
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {
-                "arch": ARCH, "num_classes": splits.num_classes, "epoch": epoch, "model": model.state_dict(),
+                **net.record(), "classes": list(splits.classes), "mean": list(splits.stats[0]),
+                "std": list(splits.stats[1]), "epoch": epoch, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "rng": {"torch": torch.get_rng_state()}, "device": device.type,
                 "train": dataclasses.asdict(cfg), "meta": meta or {}, "history": history,

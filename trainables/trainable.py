@@ -34,6 +34,7 @@ import torch
 from ray import tune
 
 from trainables.data import Splits
+from trainables.model import ModelConfig
 from trainables.names import (CHECKPOINT_FILE, DEPLOYABLE_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN,
                               CheckpointMeta)
 from trainables.ort import OrtModel
@@ -176,6 +177,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
     # anywhere; the device this trial used is recorded in the checkpoint and the trial's results
     train_cfg = dataclasses.replace(TrainConfig(**spec["train"]), **searched, threads=threads)
     sweep_cfg = SweepConfig(**spec["sweep"])
+    model_cfg = ModelConfig(**spec.get("model", {}))
     method = config.get("method", plan.method)
     ratio = round(float(config.get("prune_ratio", 0.0)), 4)
     int8 = bool(config.get("int8", False))
@@ -194,11 +196,12 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
 
     try:
         if resume is not None and resume["epoch"] >= train_cfg.epochs:
-            model = model_from_checkpoint(resume).to(device)  # trained already; sweep only
+            model = model_from_checkpoint(resume, trusted=model_cfg.arch).to(device)  # trained already; sweep only
             val_acc = resume["history"][-1]["val_accuracy"]
         else:
             meta = CheckpointMeta(spec={**spec, "train": dataclasses.asdict(train_cfg)}, config=config)
-            result = fit(splits, train_cfg, checkpoint_path=ckpt_path, resume=resume, meta=meta, on_epoch=report_epoch)
+            result = fit(splits, train_cfg, checkpoint_path=ckpt_path, resume=resume, meta=meta, on_epoch=report_epoch,
+                         model_cfg=model_cfg)
             model, val_acc = result.model, result.val_accuracy
     except Diverged as e:
         tune.report({**base, PHASE: DIVERGED, "epoch": e.epoch, ERROR: str(e)})

@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{m['images_per_second']:.0f} img/s  {m['elapsed']:.1f}s", flush=True)
 
     result = fit(splits.to(device), spec.train, checkpoint_path=ckpt_path, resume=resume,
-                 meta=CheckpointMeta(spec=spec.to_dict(), config={}), on_epoch=progress)
+                 meta=CheckpointMeta(spec=spec.to_dict(), config={}), on_epoch=progress, model_cfg=spec.model)
     print(f"test accuracy {result.test_accuracy:.4f}; checkpoint {ckpt_path}", flush=True)
     if args.json:
         _print_json({

@@ -7,7 +7,7 @@ leaves a search does carry it:
 - the deployable points are ONNX classifiers (:func:`trainables.ort.classifier`), and
   :func:`log_model` logs one for MLflow's registry with MLflow's ONNX flavour (ONNX Runtime
   loads it; nothing of ours runs), a signature that names the input (``uint8``,
-  ``-1 x H x W x 3``) and the outputs, a real image as input example, requirements pinned to the
+  ``-1 x H x W x C``) and the outputs, a real image as input example, requirements pinned to the
   versions that measured it, and the point's metrics on the logged model;
 - :class:`Classifier` and :func:`torchscript`: the same in eager PyTorch, for
   ``prunetune export --format torchscript`` only (TorchScript and torch's quantized tensors
@@ -23,31 +23,33 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from trainables.data import MEAN, STD
+from trainables.model import input_shape
 from trainables.ort import CLASS, LABEL, PROBABILITIES
 
 
 class Classifier(nn.Module):
-    """uint8 images (N x H x W x 3, as decoded from a PNG or JPEG) -> class probabilities."""
+    """uint8 images (N x H x W x C, as decoded from a PNG or JPEG) -> class probabilities;
+    ``stats``: the training mean and std (0-1 scale, per channel)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, stats: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255)
+        self.register_buffer("mean", torch.tensor(stats[0]).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(stats[1]).view(1, -1, 1, 1) * 255)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
         return torch.softmax(self.model(x), dim=1)
 
 
-def torchscript(model: nn.Module, image_size: tuple[int, int] = (32, 32)) -> bytes:
-    """The traced :class:`Classifier` of ``model`` (fp32 or FX INT8), serialised."""
-    example = torch.zeros(1, *image_size, 3, dtype=torch.uint8)
+def torchscript(model: nn.Module, stats: tuple[tuple[float, ...], tuple[float, ...]]) -> bytes:
+    """The traced :class:`Classifier` of ``model`` (fp32 or FX INT8) for its images, serialised."""
+    c, h, w = input_shape(model)
+    example = torch.zeros(1, h, w, c, dtype=torch.uint8)
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.jit is deprecated": still the most portable torch format
-        torch.jit.save(torch.jit.trace(Classifier(model.eval()), example), buffer)
+        torch.jit.save(torch.jit.trace(Classifier(model.eval(), stats), example), buffer)
     return buffer.getvalue()
 
 
@@ -65,7 +67,7 @@ def log_model(packed: bytes, name: str, registered_name: str, example: np.ndarra
               metrics: dict[str, float], params: dict[str, str]) -> int:
     """Log the ONNX classifier ``packed`` (its bytes kept as they are) on the active MLflow run
     under the logged-model ``name`` with ``metrics`` and ``params``, and register it under
-    ``registered_name``; returns the new version. ``example``: real uint8 images (N x H x W x 3)."""
+    ``registered_name``; returns the new version. ``example``: real uint8 images (N x H x W x C)."""
     import mlflow
     import onnx
     from mlflow.models import ModelSignature

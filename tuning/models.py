@@ -199,7 +199,7 @@ def derive(dense: nn.Module, spec: Spec, point: Point, splits: data.Splits | Non
         raise ModelError(str(e)) from None
     if weights is None:  # the sweep's no-retrain point: BatchNorm re-estimated on its training images
         splits = splits if splits is not None else data.load(spec.data)
-    pruned = prune_point(dense, point.method, point.ratio, spec.sweep, splits.train.x if weights is None else None)
+    pruned = prune_point(dense, point.method, point.ratio, spec.sweep, splits.train if weights is None else None)
     model = compress.make_permanent(pruned).eval()
     if weights is not None:
         model.load_state_dict(weights)
@@ -220,7 +220,7 @@ def fine_tuned_weights(checkpoint: str | Path, point: Point) -> dict[str, torch.
 def calibration_images(spec: Spec, splits: data.Splits | None = None) -> torch.Tensor:
     """The normalised training images INT8 is calibrated on (the sweep's: the first
     ``[sweep] calibration_size``); ``splits`` loaded from the spec if not given."""
-    return data.normalize((splits or data.load(spec.data)).train.x[: spec.sweep.calibration_size])
+    return (splits or data.load(spec.data)).train.normalized(spec.sweep.calibration_size)
 
 
 @dataclass
@@ -251,18 +251,18 @@ def export_point(uri: str, point: Point, fmt: str, out: str | Path) -> Exported:
         weights = fine_tuned_weights(checkpoint, point)
     splits = data.load(spec.data)
     n = spec.sweep.eval_size or len(splits.test)
-    test = data.Split(splits.test.x[:n], splits.test.y[:n])
+    test = splits.test.head(n)
     fp32 = derive(dense, spec, dataclasses.replace(point, int8=False), splits, weights=weights)
     how = f"re-derived from trial run {point.run_id}'s dense checkpoint" + (
         " and its fine-tuned weights" if weights is not None else " (no fine-tuned weights for this point)")
     if fmt == "onnx":
         calibration = calibration_images(spec, splits) if point.int8 else None
-        model = ort.build(fp32, splits.classes, input_shape=tuple(splits.train.x.shape[1:]), name=str(out),
+        model = ort.build(fp32, splits.classes, splits.stats, name=str(out),
                           calibration=calibration)[-1]
         model.save(out)
         return Exported(how, None, ort.OrtModel(out.read_bytes()).evaluate(test)[0], len(test))
     model = compress.quantize_int8(fp32, calibration_images(spec, splits)) if point.int8 else fp32
-    out.write_bytes(deploy.torchscript(model, tuple(splits.test.x.shape[2:])))
+    out.write_bytes(deploy.torchscript(model, splits.stats))
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated: it is what reads this file
         probs = torch.jit.load(str(out))(test.x.permute(0, 2, 3, 1).contiguous())

@@ -95,7 +95,7 @@ def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
 def _held_out(spec: Spec, splits: data.Splits) -> data.Split:
     """The test images every deployable point was measured on (the sweep's ``eval_size`` first ones)."""
     n = spec.sweep.eval_size or len(splits.test)
-    return data.Split(splits.test.x[:n], splits.test.y[:n])
+    return splits.test.head(n)
 
 
 def _register(tracker: tracking.MlflowTracking, res: SearchResult, grid, spec: Spec, splits: data.Splits) -> bool:

@@ -25,6 +25,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from trainables import compress
 from trainables.data import DataConfig
+from trainables.model import ModelConfig, check_arch, is_weights_file
 from trainables.errors import SpecError
 from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
@@ -80,6 +81,7 @@ class SearchConfig:
 class Spec:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -103,7 +105,7 @@ class Spec:
         return f"{self.name}-{run_stamp()}"
 
 
-_SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "sweep": SweepConfig, "search": SearchConfig}
+_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sweep": SweepConfig, "search": SearchConfig}
 _ROOT_KEYS = {"name"}
 # Number keys where inf means "none" (a budget); every other number must be finite, and no number NaN.
 _INF_ALLOWED = {"max_latency_ms", "max_accuracy_drop"}
@@ -185,6 +187,11 @@ def _validate_ranges(spec: Spec) -> None:
     need(0.0 < d.val_fraction < 1.0, f"[data] val_fraction must be in (0, 1), got {d.val_fraction}")
     need(d.train_size >= 0 and d.test_size >= 0, "[data] train_size and test_size must be >= 0 (0 = all)")
     need(d.dataset != "npz" or bool(d.path), "[data] dataset = 'npz' needs path = 'FILE.npz'")
+    need(d.image_size == 0 or d.image_size >= 8, f"[data] image_size must be >= 8 pixels (0 = as stored), got "
+         f"{d.image_size}")
+    need(d.dataset != "imagefolder" or d.image_size > 0, "[data] dataset = 'imagefolder' needs image_size = N "
+         "(its images are decoded once at N x N), e.g. image_size = 64")
+    check_arch(spec.model.arch)
     need(t.epochs >= 1, f"[train] epochs must be >= 1, got {t.epochs}")
     need(t.batch_size >= 1 and t.eval_batch_size >= 1, "[train] batch sizes must be >= 1")
     need(t.lr > 0, f"[train] lr must be > 0, got {t.lr}")
@@ -268,7 +275,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
                       for k in table)
     spec = Spec(source=source, given=given, **kwargs)
     relative = set()
-    for section, key in _PATH_KEYS:
+    for section, key in _PATH_KEYS | ({("model", "weights")} if is_weights_file(spec.model.weights) else set()):
         sec, value = getattr(spec, section), getattr(getattr(spec, section), key)
         if value and "://" not in value:  # URIs (s3://...) stay as they are
             if not Path(value).expanduser().is_absolute():

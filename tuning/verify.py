@@ -101,7 +101,7 @@ def test_images(record: Record) -> data.Split:
     if len(split) < record.test_images:
         raise ModelError(f"the record was measured on {record.test_images} test images, the data here has "
                          f"{len(split)}: {record.data}")
-    return data.Split(split.x[: record.test_images], split.y[: record.test_images])
+    return split.head(record.test_images)
 
 
 def check(onnx_bytes: bytes, record: Record, images: data.Split | None = None) -> Verdict:
