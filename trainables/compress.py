@@ -152,7 +152,7 @@ def clone(model: nn.Module) -> nn.Module:
             if name.endswith("_orig"):
                 computed = getattr(module, name.removesuffix("_orig"))
                 memo[id(computed)] = computed.detach().clone()
-    return copy.deepcopy(model, memo)
+    return carry_input_shape(model, copy.deepcopy(model, memo))  # a GraphModule's deepcopy drops attributes
 
 
 def make_permanent(model: nn.Module) -> nn.Module:

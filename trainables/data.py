@@ -29,7 +29,6 @@ from trainables.errors import DataError
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 PAD = 4
-DIGITS_SIZE = 32  # digits are 8 x 8; upscaled to this unless [data] image_size says otherwise
 # The whole uint8 dataset is held in memory and on the training device; above this it is refused.
 MAX_BYTES = 8 * 2**30
 
@@ -151,8 +150,7 @@ def load(cfg: DataConfig) -> Splits:
     (x_tr, y_tr, x_te, y_te), classes = datasets.read(cfg)
     x_tr, y_tr = _subset(x_tr, y_tr, cfg.train_size, cfg.seed)
     x_te, y_te = _subset(x_te, y_te, cfg.test_size, cfg.seed + 1)
-    size = cfg.image_size or (DIGITS_SIZE if cfg.dataset == "digits" else 0)
-    x_tr, x_te = resize(x_tr, size), resize(x_te, size)
+    x_tr, x_te = resize(x_tr, cfg.image_size), resize(x_te, cfg.image_size)
     nbytes = x_tr.nbytes + x_te.nbytes
     if nbytes > MAX_BYTES:
         raise DataError(f"{cfg.dataset}: {nbytes / 2**30:.1f} GiB of uint8 images at {x_tr.shape[1]} x {x_tr.shape[2]}, "

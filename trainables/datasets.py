@@ -5,7 +5,7 @@ any height and width, 1 or 3 channels; integer labels ``0..classes-1``) and the 
 label. :mod:`trainables.data` makes the splits, the size and the statistics from them.
 
 Sources (five):
-- ``digits``: scikit-learn's bundled 8x8 digits (1,797 real images, no network) as 3 channels;
+- ``digits``: scikit-learn's bundled 8x8 digits (1,797 real images, no network), upscaled to 32 x 32 (or [data] image_size) and 3 channels;
   a fixed 20% stratified test split.
 - ``npz``: a file with ``x_train, y_train, x_test, y_test`` (and optionally ``class_names``).
 - ``cifar10``, ``cifar100``: torchvision's python format under ``[data] root``
@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from trainables.errors import DataError
+
+DIGITS_SIZE = 32  # digits are 8 x 8; upscaled to this unless [data] image_size says otherwise
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
 
@@ -259,13 +261,19 @@ def _load_cifar10(root: str, download: bool) -> Arrays:
     return _load_cifar("cifar10", root, download)[0]
 
 
-def _load_digits() -> tuple[np.ndarray, ...]:
+def _load_digits(size: int) -> tuple[np.ndarray, ...]:
+    """The digits upscaled from their 0..16 levels straight to ``size`` (bilinear), then to uint8."""
+    import torch
+    import torch.nn.functional as F
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    grey = np.round(d.images * (255 / 16)).astype(np.uint8)  # N x 8 x 8, 0..16 -> 0..255
-    x = np.repeat(grey[..., None], 3, axis=3)  # NHWC, 3 channels like the other sources
+    img = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0  # N x 1 x 8 x 8 in [0, 1]
+    if size != 8:
+        img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 8)
+    x = (img.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1)
+    x = x.permute(0, 2, 3, 1).numpy()  # NHWC, 3 channels like the other sources
     y = d.target.astype(np.int64)
     # The test split is fixed (seed 0), whatever the experiment's seed: test stays test.
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
@@ -376,7 +384,7 @@ def read(cfg) -> tuple[Arrays, list[str]]:
     labels', an imagefolder's (its training folders, sorted), an npz file's ``class_names``
     array when it has one, else the labels themselves ("0", "1", ...)."""
     if cfg.dataset == "digits":
-        return _load_digits(), [str(i) for i in range(10)]
+        return _load_digits(cfg.image_size or DIGITS_SIZE), [str(i) for i in range(10)]
     if cfg.dataset == "npz":
         return _load_npz(cfg.path)
     if cfg.dataset in _CIFAR:

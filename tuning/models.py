@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from trainables import compress, data, ort
-from trainables.checkpoint import load_checkpoint, model_from_checkpoint
+from trainables.checkpoint import input_stats, load_checkpoint, model_from_checkpoint
 from trainables.errors import CheckpointError, ModelError
 from trainables.names import (CHECKPOINT_ARTIFACT, CHECKPOINT_DIR, DEPLOYABLE_ARTIFACT, DEPLOYABLE_FILE, EXPERIMENT_JSON,
                               PARENT_TAG, SWEEP_CSV, CheckpointMeta)
@@ -163,13 +163,17 @@ def dense_from_run(uri: str, run_id: str, where: str | Path) -> tuple[nn.Module,
 
 def dense_from_checkpoint(path: str | Path) -> tuple[nn.Module, Spec]:
     """A checkpoint written by training (``prunetune train`` or a trial) -> dense model and the
-    experiment spec it was trained with (so sweeps and exports use the same data splits)."""
+    experiment spec it was trained with (so sweeps and exports use the same data splits,
+    normalised with the statistics the checkpoint records: CIFAR-10's for one written before
+    per-dataset statistics)."""
     ckpt = load_checkpoint(path)
     meta: CheckpointMeta = ckpt["meta"]
     if not isinstance(meta.get("spec"), dict):
         raise CheckpointError(f"{path} records no experiment spec (its meta has {sorted(meta) or 'nothing'}): it was "
                               "not written by `prunetune train` or a search, so its data splits are unknown")
-    return model_from_checkpoint(ckpt).eval(), from_dict(meta["spec"], source=f"{path} (its experiment)")
+    spec = from_dict(meta["spec"], source=f"{path} (its experiment)")
+    spec.data.mean, spec.data.std = (list(s) for s in input_stats(ckpt))
+    return model_from_checkpoint(ckpt).eval(), spec
 
 
 def load_trained(path: str | Path) -> tuple[nn.Module, Spec, data.Splits]:
