@@ -169,10 +169,42 @@ def tiny_spec(tmp_path: Path, **search_kw) -> dict:
     }
 
 
+FOLDER_CLASSES = ("zero", "one", "two")  # the folders of the digits 0, 1, 2 in the image folder below
+FOLDER_LABELS = sorted(FOLDER_CLASSES)  # its class names by label: sorted folder names, as torchvision's ImageFolder
+
+
+def three_digits(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Real images of 3 classes: scikit-learn's digits 0, 1 and 2 at ``size`` x ``size`` x 3,
+    uint8; (x_train, y_train, x_test, y_test), a fifth of each class held out."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    d = load_digits(n_class=3)
+    img = F.interpolate(torch.from_numpy(d.images).float().unsqueeze(1) / 16, size=(size, size), mode="bilinear")
+    x = (img.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1).permute(0, 2, 3, 1).numpy()
+    test = np.random.default_rng(seed).permutation(len(x)) < len(x) // 5
+    return x[~test], d.target[~test], x[test], d.target[test]
+
+
+def write_imagefolder(root: Path, size: int = 48) -> Path:
+    """An ImageFolder of PNGs: ``root/{train,test}/{zero,one,two}/*.png``, digits at ``size`` px."""
+    from PIL import Image
+
+    x_tr, y_tr, x_te, y_te = three_digits(size)
+    for split, xs, ys in (("train", x_tr, y_tr), ("test", x_te, y_te)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            folder = root / split / FOLDER_CLASSES[y]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x).save(folder / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def gpu_search(tmp_path_factory):
     """One real search, shared by the tests of the search, the registry, export, serving and the
-    UI: local Ray with two logical GPUs, four trials at 0.5 GPU each, MLflow on a SQLite store."""
+    UI: local Ray with two logical GPUs, four trials at 0.5 GPU each, MLflow on a SQLite store, on
+    an ImageFolder of 3 classes of PNGs at 48 x 48 (your own images: the path a user takes)."""
     import ray
 
     from tuning import search
@@ -181,6 +213,8 @@ def gpu_search(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     d = tiny_spec(tmp_path, cpus_per_trial=0.5, gpus_per_trial=0.5)
+    d["data"] = {"dataset": "imagefolder", "root": str(write_imagefolder(tmp_path / "images")), "image_size": 48,
+                 "train_size": 60, "test_size": 30, "val_fraction": 0.25}
     d["train"]["device"] = "cpu"  # logical GPUs are scheduling slots here: torch has no CUDA to train on
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
     try:

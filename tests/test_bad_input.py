@@ -58,6 +58,10 @@ SPEC_CASES = {
     "a NaN anywhere": ("search.max_latency_ms=nan", "max_latency_ms must be a finite number, got nan"),
     "negative calibration_size": ("sweep.calibration_size=-8", "calibration_size must be >= 1"),
     "negative eval_size": ("sweep.eval_size=-5", "eval_size must be >= 0"),
+    "an arch that names no network": ("model.arch=resnet_18", "[model] arch = 'resnet_18' names no network"),
+    "a weights file that is not there": ("model.weights=nowhere/w.pt", "w.pt': no such file"),
+    "weights torchvision does not have": ("model.weights=IMAGENET9K", "not a file, nor torchvision weights of resnet18"),
+    "an image folder without a size": ("data.dataset=imagefolder", "'imagefolder' needs image_size"),
     "test_accuracy as an objective": ('search.objectives=["test_accuracy:max", "latency_ms:min"]',
                                       "test_accuracy is reported, never tuned on"),
 }

@@ -8,11 +8,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 
-from conftest import REPO, prunetune, prunetune_here, tiny_spec
+from conftest import FOLDER_CLASSES, FOLDER_LABELS, REPO, prunetune, prunetune_here, three_digits, tiny_spec
 from trainables.names import STUDY_FILE
 from tuning import search, space
 from tuning.spec import from_dict
@@ -143,7 +144,6 @@ def test_pareto_json_equals_front_of_all_points(gpu_search):
 
 @pytest.mark.slow
 def test_export_knee_to_onnx_checked_by_onnxruntime(gpu_search, tmp_path):
-    import numpy as np
     import onnxruntime as ort
 
     _, uri = gpu_search
@@ -152,8 +152,8 @@ def test_export_knee_to_onnx_checked_by_onnxruntime(gpu_search, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "verified on " in r.stdout and "the same bytes" in r.stdout and "the same labels as recorded" in r.stdout
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    label, probs, names = session.run(["label", "probabilities", "class"], {"images": np.zeros((3, 32, 32, 3), np.uint8)})
-    assert label.shape == (3,) and probs.shape == (3, 10) and list(names) == [str(i) for i in label]
+    label, probs, names = session.run(["label", "probabilities", "class"], {"images": np.zeros((3, 48, 48, 3), np.uint8)})
+    assert label.shape == (3,) and probs.shape == (3, 3) and list(names) == [FOLDER_LABELS[i] for i in label]
 
 
 @pytest.mark.slow
@@ -168,7 +168,7 @@ def test_export_unswept_ratio_int8_torchscript_and_bad_refs(gpu_search, tmp_path
     assert r.returncode == 0, r.stderr
     assert "channel_l1 ratio 0.37 + int8" in r.stdout and "TorchScript (and torch's INT8) are deprecated" in r.stdout
     assert "no fine-tuned weights for this point" in r.stdout and "never measured by the search" in r.stdout
-    assert torch.jit.load(str(out))(torch.zeros(1, 32, 32, 3, dtype=torch.uint8)).shape == (1, 10)
+    assert torch.jit.load(str(out))(torch.zeros(1, 48, 48, 3, dtype=torch.uint8)).shape == (1, 3)
     r = cli("export", run_id, "--int8", "--format", "onnx", "-o", str(tmp_path / "x.onnx"), uri=uri)
     assert r.returncode == 0 and "never measured by the search" in r.stdout, r.stderr  # no INT8 was built: re-derived
     r = cli("export", "0123456789abcdef", "--format", "onnx", "-o", str(tmp_path / "x.onnx"), uri=uri)
@@ -344,11 +344,11 @@ def test_mlflow_models_serve_answers_with_the_labels_pytorch_predicts(gpu_search
         wait_for(up, "mlflow models serve", 180, log)
         spec = from_dict(json.loads((res.path / search.SPEC_FILE).read_text()))
         test = data.load(spec.data).test
-        images = test.x[:8].permute(0, 2, 3, 1).contiguous().numpy()  # uint8, 8 x 32 x 32 x 3, as decoded
+        images = test.x[:8].permute(0, 2, 3, 1).contiguous().numpy()  # uint8, 8 x 48 x 48 x 3, as decoded
         status, out = post({"inputs": images.tolist()})
         assert status == 200, out
         got = out["predictions"]["label"]
-        assert out["predictions"]["class"] == [str(label) for label in got]  # digits' class names
+        assert set(got) <= {0, 1, 2} and out["predictions"]["class"] == [FOLDER_LABELS[i] for i in got]
         # the same point through PyTorch: its fine-tuned weights, re-derived from the trial's files
         version = mlflow.MlflowClient(uri).get_model_version_by_alias("tiny", "knee").tags
         row = res.front[(res.front.trial_id == version["trial_id"]) & (res.front.method == version["method"])
@@ -359,10 +359,12 @@ def test_mlflow_models_serve_answers_with_the_labels_pytorch_predicts(gpu_search
         model = models.derive(dense, spec, point, weights=models.fine_tuned_weights(ckpt, point))
         with torch.inference_mode():
             assert got == model(test.normalized(8)).argmax(1).tolist()
-        status, out = post({"inputs": test.x[:2].numpy().tolist()})  # channels first (N x 3 x 32 x 32)
-        assert status == 400 and "expected shape (-1, 32, 32, 3)" in out["message"], out
-        normalised = test.normalized(2).permute(0, 2, 3, 1).numpy()  # floats around 0, not pixels
-        status, out = post({"inputs": normalised.tolist()})
+        status, out = post({"inputs": test.x[:2].numpy().tolist()})  # channels first (N x 3 x 48 x 48)
+        assert status == 400 and "expected shape (-1, 48, 48, 3)" in out["message"], out
+        # floats in [-1, 1] (pixels / 127.5 - 1, a usual preprocessing), not pixels: MLflow refuses
+        # floats it cannot cast to uint8 (it truncates those in 0..255 silently)
+        scaled = test.x[:2].permute(0, 2, 3, 1).numpy() / 127.5 - 1
+        status, out = post({"inputs": scaled.tolist()})
         assert status == 400 and "uint8" in out["message"], out
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -382,6 +384,10 @@ def test_an_onnxruntime_search_ships_onnx_models_and_goes_on_past_a_diverged_tri
     from trainables import data
 
     d = tiny_spec(tmp_path, sampler="grid", grid_lrs=[0.002, 1e12], cpus_per_trial=1.0, register_models=2)
+    x_tr, y_tr, x_te, y_te = three_digits(48)  # your own images: an npz of 3 classes at 48 x 48
+    np.savez(tmp_path / "three.npz", x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
+             class_names=np.array(FOLDER_CLASSES))
+    d["data"].update(dataset="npz", path=str(tmp_path / "three.npz"))
     d["train"].update(optimizer="sgd", schedule="constant", batch_size=10)  # several steps per epoch
     d["sweep"].update(runtime="onnxruntime", int8=True, methods=["channel_l1"])
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -413,5 +419,6 @@ def test_an_onnxruntime_search_ships_onnx_models_and_goes_on_past_a_diverged_tri
     assert "onnx" in mlflow.models.get_model_info("models:/tiny@pick").flavors
     images = data.load(from_dict(d).data).test.x[:4].permute(0, 2, 3, 1).contiguous().numpy()
     out = mlflow.pyfunc.load_model("models:/tiny@pick").predict(images)
-    assert out["label"].shape == (4,) and out["probabilities"].shape == (4, 10)
+    assert out["label"].shape == (4,) and out["probabilities"].shape == (4, 3)
+    assert set(out["class"]) <= set(FOLDER_CLASSES) and images.shape[1:] == (48, 48, 3)
     assert abs(float(out["probabilities"].sum()) - 4.0) < 1e-3

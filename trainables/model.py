@@ -115,6 +115,23 @@ def check_arch(arch: str) -> None:
                      "...) or your own factory as \"package.module:function\"")
 
 
+def check(cfg: ModelConfig) -> None:
+    """A :class:`ModelError` before any training unless ``cfg`` names a network and weights that
+    can be had: a file that exists, or a torchvision weights name of that network."""
+    check_arch(cfg.arch)
+    if not cfg.weights:
+        return
+    if is_weights_file(cfg.weights):
+        if not Path(cfg.weights).is_file():
+            raise ModelError(f"[model] weights = {cfg.weights!r}: no such file; give a state-dict file or a torchvision "
+                             "weights name such as \"DEFAULT\"")
+    elif _FACTORY.fullmatch(cfg.arch):
+        raise ModelError(f"[model] weights = {cfg.weights!r} is not a file, and torchvision has no weights for your "
+                         f"factory {cfg.arch}: give a state-dict file")
+    else:
+        _weights_enum(cfg.weights, cfg.arch)
+
+
 def build(net: Network, trusted: str = "") -> nn.Module:
     """A freshly initialised ``net``. A factory arch is imported only when it equals ``trusted``
     (the ``[model] arch`` of the experiment file being run) or ``$PRUNETUNE_TRUSTED_ARCH``
@@ -220,14 +237,18 @@ def _weights_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _torchvision_weights(name: str, arch: str) -> dict[str, torch.Tensor]:
+def _weights_enum(name: str, arch: str):
     from torchvision import models
 
     try:
-        enum = models.get_weight(name) if "." in name else models.get_model_weights(arch)[name]
+        return models.get_weight(name) if "." in name else models.get_model_weights(arch)[name]
     except (KeyError, ValueError) as e:
         raise ModelError(f"[model] weights = {name!r}: not a file, nor torchvision weights of {arch} ({e}); "
                          "e.g. \"DEFAULT\" or \"IMAGENET1K_V1\"") from None
+
+
+def _torchvision_weights(name: str, arch: str) -> dict[str, torch.Tensor]:
+    enum = _weights_enum(name, arch)
     target = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
     try:
         return enum.get_state_dict(progress=False, check_hash=True)

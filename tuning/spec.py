@@ -25,7 +25,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from trainables import compress
 from trainables.data import DataConfig
-from trainables.model import ModelConfig, check_arch, is_weights_file
+from trainables.model import ModelConfig, is_weights_file
+from trainables.model import check as check_model
 from trainables.errors import SpecError
 from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
@@ -191,7 +192,7 @@ def _validate_ranges(spec: Spec) -> None:
          f"{d.image_size}")
     need(d.dataset != "imagefolder" or d.image_size > 0, "[data] dataset = 'imagefolder' needs image_size = N "
          "(its images are decoded once at N x N), e.g. image_size = 64")
-    check_arch(spec.model.arch)
+    check_model(spec.model)
     need(t.epochs >= 1, f"[train] epochs must be >= 1, got {t.epochs}")
     need(t.batch_size >= 1 and t.eval_batch_size >= 1, "[train] batch sizes must be >= 1")
     need(t.lr > 0, f"[train] lr must be > 0, got {t.lr}")
