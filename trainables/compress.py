@@ -125,18 +125,25 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 64)
     channel-pruned model is mostly that mismatch ("adaptive BN": Li et al., EagleEye, ECCV 2020).
     """
     out = clone(model)
-    norms = [m for m in out.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
+    reestimate_bn(out, images, batch_size)
+    return out.eval()
+
+
+def reestimate_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> None:
+    """Re-estimate ``model``'s BatchNorm running statistics on ``images`` in place (see
+    :func:`recalibrate_bn`); the model's train/eval mode is kept."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta, was_training = [m.momentum for m in norms], model.training
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch counts alike
-    out.train()
+    model.train()
     with torch.no_grad():
         for batch in images.split(batch_size):
-            out(batch)
+            model(batch)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
-    return out.eval()
+    model.train(was_training)
 
 
 def clone(model: nn.Module) -> nn.Module:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from trainables import compress
 from trainables.data import Split
-from trainables.train import LossFn, TrainConfig, for_training, make_optimizer, make_scheduler, plain_layout, train_one_epoch
+from trainables.train import (LossFn, TrainConfig, for_training, make_optimizer, make_scheduler, plain_layout, precise_bn,
+                              train_one_epoch)
 
 if TYPE_CHECKING:
     from trainables.sweep import SweepConfig
@@ -53,6 +54,7 @@ def finetune(model: nn.Module, split: Split, cfg: TrainConfig, epochs: int, lr: 
     device = split.x.device
     model = for_training(compress.clone(model).to(device), device, cfg.amp)
     _train(model, split, cfg, epochs, lr, loss_fn)
+    precise_bn(model, split, cfg.precise_bn)
     return plain_layout(model).eval()
 
 

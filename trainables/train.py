@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn as nn
 
+from trainables import compress
 from trainables.checkpoint import restore, save_checkpoint
 from trainables.errors import DeviceError, Diverged
 from trainables.data import Split, Splits, eval_batches, train_batches
@@ -55,6 +56,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     amp: bool = True  # on CUDA: bf16 autocast + channels_last (no effect on CPU)
     eval_batch_size: int = 512
+    precise_bn: int = 1024  # BatchNorm statistics re-estimated on this many training images per epoch (0 = off)
     output_dir: str = "runs"  # `prunetune train` writes OUTPUT_DIR/<name>/<time>/checkpoint.pt
 
 
@@ -195,6 +197,17 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 512, *, amp: bool
     return correct.item() / max(len(split), 1)
 
 
+def precise_bn(model: nn.Module, split: Split, images: int) -> None:
+    """Re-estimate the BatchNorm running statistics of ``model`` with its current weights on the
+    first ``images`` of ``split`` ("precise BN", Wu and Johnson, "Rethinking 'Batch' in
+    BatchNorm", 2021): the running averages trail the weights, and in eval mode a MobileNetV3-small
+    trained 45 steps on the digits scored chance (0.10) where the same weights with re-estimated
+    statistics scored 0.55 (as in train mode). Evaluation, checkpoints and the sweep see the
+    weights' own statistics; training itself is unchanged (it normalises by batch statistics)."""
+    if images > 0:
+        compress.reestimate_bn(model, split.normalized(images))
+
+
 def fit(
     splits: Splits,
     cfg: TrainConfig,
@@ -238,6 +251,7 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs + 1):
         epoch_start = time.perf_counter()
         stats = train_one_epoch(model, splits.train, opt, sched, cfg, epoch)
+        precise_bn(model, splits.train, cfg.precise_bn)
         stats["val_accuracy"] = evaluate(model, splits.val, cfg.eval_batch_size, amp=cfg.amp)
         stats["epoch"] = epoch
         stats["images_per_second"] = stats["images"] / stats["seconds"]
