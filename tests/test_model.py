@@ -1,4 +1,5 @@
 """The network a trial trains: the default, torchvision networks, a user's factory, weights."""
+import json
 import textwrap
 
 import numpy as np
@@ -127,10 +128,21 @@ def test_torchvision_weights_come_from_the_file_placed_where_the_error_says(tmp_
         load_weights(mine, "NO_SUCH_WEIGHTS", "mobilenet_v3_small")
 
 
-def test_a_checkpoint_written_before_the_network_was_recorded_still_loads(tmp_path):
-    old = {"arch": "cifar_resnet18", "num_classes": 10, "epoch": 1, "model": cifar_resnet18().state_dict(), "meta": {}}
+def test_a_checkpoint_written_before_the_network_was_recorded_still_sweeps(tmp_path):
+    from conftest import prunetune_here
+    from tuning import models
+
+    spec = {"name": "old", "data": {"dataset": "digits", "train_size": 60, "test_size": 20, "val_fraction": 0.25}}
+    old = {"arch": "cifar_resnet18", "num_classes": 10, "epoch": 1, "model": cifar_resnet18().state_dict(),
+           "meta": {"spec": spec}}  # what prunetune wrote before [model]: no stem, input shape or statistics
     torch.save(old, tmp_path / "old.pt")
     ckpt = load_checkpoint(tmp_path / "old.pt")
     model = model_from_checkpoint(ckpt)
     assert input_shape(model) == (3, 32, 32) and model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     assert input_stats(ckpt) == (data.MEAN, data.STD)
+    _, _, splits = models.load_trained(tmp_path / "old.pt")
+    assert splits.stats == (data.MEAN, data.STD)  # the statistics it was trained with, not the digits' own
+    r = prunetune_here("sweep", str(tmp_path / "old.pt"), "--methods", "channel_l1", "--ratios", "0,0.5", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [row["ratio"] for row in rows] == [0.0, 0.5] and rows[1]["macs"] < rows[0]["macs"]
