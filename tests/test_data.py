@@ -107,3 +107,26 @@ def test_real_cifar_subset():
     s = data.load(DataConfig(dataset="npz", path=str(SUBSET)))
     assert len(s.train) + len(s.val) == 5085 and len(s.test) == 1017
     assert set(s.test.y.tolist()) == set(range(10))
+
+
+def test_a_dataset_too_large_for_memory_names_its_size_and_the_fix(monkeypatch):
+    monkeypatch.setattr(data, "MAX_BYTES", 100_000)  # the digits at 32 x 32 are ~5.5 MB of uint8
+    with pytest.raises(DataError, match=r"GiB of uint8 images at 32 x 32.*train_size, test_size.*image_size"):
+        data.load(DataConfig(dataset="digits"))
+    assert len(data.load(DataConfig(dataset="digits", image_size=8, train_size=100, test_size=50)).test) == 50
+
+
+def test_image_size_resizes_and_the_statistics_come_from_the_training_images(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 48, 40, 1), dtype=np.uint8)  # grey, not square
+    np.savez(tmp_path / "g.npz", x_train=x, y_train=np.arange(40) % 4, x_test=x[:8], y_test=np.arange(8) % 4)
+    s = data.load(DataConfig(dataset="npz", path=str(tmp_path / "g.npz"), image_size=24, val_fraction=0.25))
+    assert s.input_shape == (1, 24, 24) and s.test.x.shape[1:] == (1, 24, 24)
+    mean, std = s.stats
+    fit = s.train.x.float() / 255
+    assert mean[0] == pytest.approx(fit.mean().item(), abs=1e-3) and std[0] == pytest.approx(fit.std().item(), abs=2e-3)
+    assert s.val.mean == mean and s.test.std == std  # one normalisation for every split
+    given = data.load(DataConfig(dataset="npz", path=str(tmp_path / "g.npz"), mean=[0.5], std=[0.25], val_fraction=0.25))
+    assert given.stats == ((0.5,), (0.25,)) and given.input_shape == (1, 48, 40)
+    with pytest.raises(DataError, match="one value per channel"):
+        data.load(DataConfig(dataset="npz", path=str(tmp_path / "g.npz"), mean=[0.5, 0.5, 0.5], std=[0.2] * 3))

@@ -38,6 +38,7 @@ def _images(n: int, size: int) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.slow  # 15 s each: export and quantization of another network
 @pytest.mark.parametrize("size", [32, 64])
 def test_mobilenet_v3_small_prunes_quantizes_and_exports_at_its_size(size):
     model = build(Network("mobilenet_v3_small", "", 3, (3, size, size))).eval()
