@@ -145,16 +145,18 @@ def input_stats(ckpt: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, .
 
 # Knobs that do not change the result; everything else ([train] and [data]) must match to continue a run
 # exactly: a changed [data] seed or size would make earlier training images validation images.
-_RESUME_FREE = {"threads", "device", "eval_batch_size", "output_dir", "download"}
+# (precise_bn changes the statistics evaluated with, not the weights trained.) A key the checkpoint
+# predates is not compared: its run had that key's default behaviour.
+_RESUME_FREE = {"threads", "device", "eval_batch_size", "output_dir", "download", "precise_bn"}
 
 
 def _check_same_run(ckpt: dict[str, Any], now: dict[str, Any], data: dict[str, Any] | None = None) -> None:
     diff = [f"{k}={ckpt['train'].get(k)!r} (now {v!r})" for k, v in now.items()
-            if k not in _RESUME_FREE and ckpt["train"].get(k) != v]
+            if k not in _RESUME_FREE and k in ckpt["train"] and ckpt["train"][k] != v]
     was = ckpt.get("meta", {}).get("spec", {}).get("data")
     if data is not None and was is not None:
         diff += [f"data.{k}={was.get(k)!r} (now {v!r})" for k, v in data.items()
-                 if k not in _RESUME_FREE and was.get(k) != v]
+                 if k not in _RESUME_FREE and k in was and was[k] != v]
     if diff:
         raise CheckpointError(
             "cannot resume: the checkpoint's run was trained with " + ", ".join(diff)

@@ -122,8 +122,9 @@ def prune_point(model: nn.Module, method: str, ratio: float, cfg: SweepConfig,
                 train: Split | None) -> nn.Module:
     """``model`` pruned as a sweep prunes a point, before it is judged or fine-tuned: then, for a
     structured method, its BatchNorm statistics re-estimated on the first ``cfg.bn_recalibration``
-    of ``train`` (the training split; None: not re-estimated, for weights that bring their own). One function, so a point re-derived elsewhere
-    (``tuning.models.derive``) is the model the sweep measured."""
+    of ``train`` (the training split; None: not re-estimated, for weights that bring their own).
+    One function, so a point re-derived elsewhere (``tuning.models.derive``) is the model the sweep
+    measured."""
     pruned = compress.prune(model, method, ratio, seed=cfg.seed, round_to=cfg.round_to)
     if method in compress.STRUCTURED and ratio > 0.0 and cfg.bn_recalibration and train is not None:
         pruned = compress.recalibrate_bn(pruned, train.normalized(cfg.bn_recalibration))

@@ -106,7 +106,8 @@ class Spec:
         return f"{self.name}-{run_stamp()}"
 
 
-_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sweep": SweepConfig, "search": SearchConfig}
+_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sweep": SweepConfig,
+                              "search": SearchConfig}
 _ROOT_KEYS = {"name"}
 # Number keys where inf means "none" (a budget); every other number must be finite, and no number NaN.
 _INF_ALLOWED = {"max_latency_ms", "max_accuracy_drop"}
