@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, MutableMapping
 
 import pandas as pd
-import torch
 import torch.nn as nn
 
 from trainables import compress, measure, ort
