@@ -59,7 +59,7 @@ def test_cifar10_format_loader_and_cache(tmp_path):
     s = data.load(cfg)
     assert len(s.train) + len(s.val) == 100 and len(s.test) == 30
     assert (tmp_path / "cifar10_uint8.npz").is_file()
-    x_tr, y_tr, *_ = datasets._load_cifar10(str(tmp_path), download=False)  # from the cache now
+    (x_tr, y_tr, *_), _ = datasets._load_cifar("cifar10", str(tmp_path), download=False)  # from the cache now
     np.testing.assert_array_equal(x_tr[:20], x0)
     np.testing.assert_array_equal(y_tr[:20], y0)
 

@@ -9,9 +9,11 @@ import torch
 from trainables import compress, data, measure, ort
 from trainables.checkpoint import CheckpointError, input_stats, load_checkpoint, model_from_checkpoint
 from trainables.errors import ModelError
-from trainables.model import (TRUST_ENV, ModelConfig, Network, build, cifar_resnet18, input_shape,
+from trainables.model import (TRUST_ENV, ModelConfig, Network, build, check_weights_file, cifar_resnet18, input_shape,
                               load_weights)
 from trainables.train import TrainConfig, fit
+from tuning import models
+from tuning.spec import from_dict
 
 
 def test_cifar_resnet18_shape_and_size():
@@ -101,10 +103,15 @@ def test_a_weights_file_starts_training_and_a_new_classifier_starts_fresh(tmp_pa
     assert load_weights(three, str(tmp_path / "w.pt"), "resnet18") == ["fc.bias", "fc.weight"]
     assert torch.equal(three.layer3[0].conv1.weight, ten.layer3[0].conv1.weight)
     splits = _tiny(3, 16)
+    spec = from_dict({"name": "w", "model": {"weights": str(tmp_path / "w.pt")}})
     result = fit(splits, TrainConfig(epochs=1, batch_size=6, threads=1, lr=1e-9, schedule="constant"),
-                 model_cfg=ModelConfig(weights=str(tmp_path / "w.pt")))
+                 model_cfg=spec.model, checkpoint_path=tmp_path / "c.pt", meta={"spec": spec.to_dict()})
     assert "starts from" in capsys.readouterr().out
     assert torch.allclose(result.model.layer4[1].conv2.weight, ten.layer4[1].conv2.weight, atol=1e-4)
+    (tmp_path / "w.pt").unlink()  # the file training started from is gone: only a new training needs it
+    with pytest.raises(ModelError, match="w.pt': no such file"):
+        check_weights_file(spec.model)
+    assert models.dense_from_checkpoint(tmp_path / "c.pt")[1].model.weights == str(tmp_path / "w.pt")
     torch.save(cifar_resnet18(10).state_dict() | {"extra.weight": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(ModelError, match="do not fit resnet18"):
         load_weights(three, str(tmp_path / "other.pt"), "resnet18")
@@ -131,7 +138,6 @@ def test_torchvision_weights_come_from_the_file_placed_where_the_error_says(tmp_
 
 def test_a_checkpoint_written_before_the_network_was_recorded_still_sweeps(tmp_path):
     from conftest import prunetune_here
-    from tuning import models
 
     spec = {"name": "old", "data": {"dataset": "digits", "train_size": 60, "test_size": 20, "val_fraction": 0.25}}
     old = {"arch": "cifar_resnet18", "num_classes": 10, "epoch": 1, "model": cifar_resnet18().state_dict(),

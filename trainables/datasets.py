@@ -256,11 +256,6 @@ def _load_cifar(dataset: str, root: str, download: bool) -> tuple[Arrays, list[s
     return arrays, names
 
 
-def _load_cifar10(root: str, download: bool) -> Arrays:
-    """CIFAR-10's four arrays (see :func:`_load_cifar`)."""
-    return _load_cifar("cifar10", root, download)[0]
-
-
 def _load_digits(size: int) -> tuple[np.ndarray, ...]:
     """The digits upscaled from their 0..16 levels straight to ``size`` (bilinear), then to uint8."""
     import torch

@@ -116,20 +116,29 @@ def check_arch(arch: str) -> None:
 
 
 def check(cfg: ModelConfig) -> None:
-    """A :class:`ModelError` before any training unless ``cfg`` names a network and weights that
-    can be had: a file that exists, or a torchvision weights name of that network."""
+    """A :class:`ModelError` unless ``cfg`` names a network, and weights that are a file or a
+    torchvision weights name of that network (whether the file is there is
+    :func:`check_weights_file`'s, asked where training starts: a spec read back from a checkpoint
+    to sweep or export it no longer needs the file it started from)."""
     check_arch(cfg.arch)
-    if not cfg.weights:
+    if not cfg.weights or is_weights_file(cfg.weights):
         return
-    if is_weights_file(cfg.weights):
-        if not Path(cfg.weights).is_file():
-            raise ModelError(f"[model] weights = {cfg.weights!r}: no such file; give a state-dict file or a torchvision "
-                             "weights name such as \"DEFAULT\"")
-    elif _FACTORY.fullmatch(cfg.arch):
+    if _FACTORY.fullmatch(cfg.arch):
         raise ModelError(f"[model] weights = {cfg.weights!r} is not a file, and torchvision has no weights for your "
                          f"factory {cfg.arch}: give a state-dict file")
     else:
         _weights_enum(cfg.weights, cfg.arch)
+
+
+def check_weights_file(cfg: ModelConfig) -> None:
+    """A :class:`ModelError` before any training when ``[model] weights`` names a file that is not there."""
+    if cfg.weights and is_weights_file(cfg.weights) and not Path(cfg.weights).is_file():
+        raise _no_weights_file(cfg.weights)
+
+
+def _no_weights_file(path: str) -> ModelError:
+    return ModelError(f"[model] weights = {path!r}: no such file; give a state-dict file or a torchvision weights "
+                      "name such as \"DEFAULT\"")
 
 
 def build(net: Network, trusted: str = "") -> nn.Module:
@@ -191,7 +200,7 @@ def _cifar_stem(model: nn.Module) -> None:
     """Full resolution for small images: a ResNet's 7x7 stride-2 conv + max-pool would shrink a
     32 x 32 image to 8 x 8 before the first block; elsewhere the first conv runs at stride 1."""
     if hasattr(model, "maxpool") and hasattr(model, "conv1"):
-        model.conv1 = nn.Conv2d(model.conv1.in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.conv1 = _conv_like(model.conv1, kernel_size=3, stride=1, padding=1)
         model.maxpool = nn.Identity()
         return
     name, conv = _first_conv(model)
@@ -221,8 +230,7 @@ def is_weights_file(weights: str) -> bool:
 def _weights_file(path: str) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
-        raise ModelError(f"[model] weights = {path!r}: no such file; give a state-dict file or a torchvision weights "
-                         "name such as \"DEFAULT\"")
+        raise _no_weights_file(path)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)  # tensors only: a file never runs code
     except Exception as e:

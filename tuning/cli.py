@@ -30,9 +30,11 @@ def _print_json(obj: dict | list[dict]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from trainables import data
     from trainables.checkpoint import load_checkpoint
+    from trainables.model import check_weights_file
     from trainables.train import fit, pick_device
 
     spec = spec_mod.load(args.file, args.set)
+    check_weights_file(spec.model)
     device = pick_device(spec.train.device)
     splits = data.load(spec.data)
     print(f"{spec.name}: {spec.data.dataset} train {len(splits.train)} / val {len(splits.val)} / "

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from trainables import data, measure
+from trainables.model import check_weights_file
 from trainables.names import ACCURACY_FLOOR, DENSE_ACCURACY, LOCK_FILE, SPEC_FILE, TRACKING_FILE
 from tuning import cluster, jobs, quiet, registry, results, retention, runs, selection, space, tracking, tuner
 from tuning.results import SearchResult
@@ -41,7 +42,8 @@ def search(spec: Spec, address: str | None = None, tracking_uri: str | None = No
         raise SpecError(f"{spec.source}: [sweep] int8_mode = 'qat' is for `prunetune sweep`: a search keeps its "
                         "fine-tuned points' fp32 weights and re-derives their INT8 by calibration (ptq) when it "
                         "registers or exports them; use int8_mode = 'ptq'")
-    cluster.check_address(address)  # before anything is created
+    check_weights_file(spec.model)  # before anything is created
+    cluster.check_address(address)
     uri = runs.tracking_uri(tracking_uri)
     runs.check_reachable(uri)  # before any training starts
     cluster.connect(address)
@@ -56,6 +58,7 @@ def resume(path: str | Path, address: str | None = None) -> tuple[SearchResult, 
     """Continue an interrupted search: finished trials stay, unfinished and errored ones
     resume from their checkpoints, the searcher keeps its Optuna study, the runs their MLflow runs."""
     exp_dir, spec, uri = _open_experiment_dir(path)
+    check_weights_file(spec.model)  # the trials not started yet begin from it
     with _locked(exp_dir):
         if uri:
             runs.check_reachable(uri)
