@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from trainables.names import CREDENTIALS_FILE
+from tuning.names import CREDENTIALS_FILE
 
 from conftest import REPO, prunetune, write_spec
 from servers import MlflowServer, RayCluster, wait_for

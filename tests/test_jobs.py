@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import prunetune_here
-from trainables.names import CREDENTIALS_FILE
+from tuning.names import CREDENTIALS_FILE
 from tuning import jobs
 
 

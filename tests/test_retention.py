@@ -11,7 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import prunetune_here
-from trainables.names import CHECKPOINT_TAG, DONE, PHASE, TRAIN
+from trainables.names import DONE, PHASE, TRAIN
+from tuning.names import CHECKPOINT_TAG
 from tuning import retention, runs
 from tuning.results import SearchResult
 from tuning.spec import from_dict

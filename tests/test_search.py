@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import FOLDER_CLASSES, FOLDER_LABELS, REPO, prunetune, prunetune_here, three_digits, tiny_spec
-from trainables.names import STUDY_FILE
+from tuning.names import STUDY_FILE
 from tuning import search, space
 from tuning.spec import from_dict
 

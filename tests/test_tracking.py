@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from trainables.names import (DIVERGED, DONE, ERROR, FRONT_CSV, PHASE, POINTS_CSV, SWEEP_TABLE, TRAIN, STATUS_TAG,
-                              TRIAL_ID_TAG)
+from trainables.names import DIVERGED, DONE, ERROR, PHASE, SWEEP_TABLE, TRAIN
+from tuning.names import FRONT_CSV, POINTS_CSV, STATUS_TAG, TRIAL_ID_TAG
 from trainables.sweep import table_to_json
 from tuning import runs
 from tuning.spec import from_dict

@@ -40,7 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from trainables.errors import SubmitError
-from trainables.names import CREDENTIALS_FILE
+from tuning.names import CREDENTIALS_FILE
 from tuning import runs
 from tuning.spec import Spec
 

@@ -28,8 +28,9 @@ import torch.nn as nn
 from trainables import compress, data, ort
 from trainables.checkpoint import input_stats, load_checkpoint, model_from_checkpoint
 from trainables.errors import CheckpointError, ModelError
-from trainables.names import (CHECKPOINT_ARTIFACT, CHECKPOINT_DIR, DEPLOYABLE_ARTIFACT, DEPLOYABLE_FILE, EXPERIMENT_JSON,
-                              PARENT_TAG, SWEEP_CSV, CheckpointMeta)
+from trainables.names import DEPLOYABLE_FILE, CheckpointMeta
+from tuning.names import (CHECKPOINT_ARTIFACT, CHECKPOINT_DIR, DEPLOYABLE_ARTIFACT, EXPERIMENT_JSON, PARENT_TAG,
+                          SWEEP_CSV)
 from trainables.sweep import point_key, prune_point
 from tuning import deploy, retention, selection
 from tuning.spec import Spec, from_dict

@@ -16,7 +16,8 @@ from typing import Any
 import pandas as pd
 from ray.tune import Result, ResultGrid
 
-from trainables.names import CHECKPOINT_FILE, ERROR, FRONT_CSV, FRONT_PNG, PHASE, POINTS_CSV, TRAIN, TRIALS_CSV
+from trainables.names import CHECKPOINT_FILE, ERROR, PHASE, TRAIN
+from tuning.names import FRONT_CSV, FRONT_PNG, POINTS_CSV, TRIALS_CSV
 from trainables.sweep import table_from_report
 from tuning import pareto, selection
 from tuning.pareto import Objective

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from trainables.names import (CHECKPOINT_DIR, CHECKPOINT_FILE, CHECKPOINT_TAG, DIVERGED, DONE, KEPT, KIND_TAG,
-                              REMOVED, STATUS_TAG, TRIAL)
+from trainables.names import CHECKPOINT_FILE, DIVERGED, DONE
+from tuning.names import CHECKPOINT_DIR, CHECKPOINT_TAG, KEPT, KIND_TAG, REMOVED, STATUS_TAG, TRIAL
 from tuning import runs
 
 if TYPE_CHECKING:

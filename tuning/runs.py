@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from trainables.errors import NotFound, TrackingError
-from trainables.names import FRONT_CSV, KIND_TAG, PARENT_TAG, POINTS_CSV, SEARCH, SEARCH_DIR_TAG, TRIAL_ID_TAG
+from tuning.names import FRONT_CSV, KIND_TAG, PARENT_TAG, POINTS_CSV, SEARCH, SEARCH_DIR_TAG, TRIAL_ID_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

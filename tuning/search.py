@@ -27,7 +27,7 @@ from typing import Iterator
 
 from trainables import data, measure
 from trainables.model import check_weights_file
-from trainables.names import ACCURACY_FLOOR, DENSE_ACCURACY, LOCK_FILE, SPEC_FILE, TRACKING_FILE
+from tuning.names import ACCURACY_FLOOR, DENSE_ACCURACY, LOCK_FILE, SPEC_FILE, TRACKING_FILE
 from tuning import cluster, jobs, quiet, registry, results, retention, runs, selection, space, tracking, tuner
 from tuning.results import SearchResult
 from trainables.errors import NotFound, SearchLocked, SpecError

@@ -130,7 +130,7 @@ def rules_from_run(params: dict[str, str], metrics: dict[str, float], max_latenc
                    max_accuracy_drop: float | None = None) -> Rules:
     """The rules of a finished search from its parent run (``search.*`` params, the resolved
     floor metric), with budgets given now taking the place of the search's."""
-    from trainables.names import ACCURACY_FLOOR
+    from tuning.names import ACCURACY_FLOOR
 
     def given(value: float | None, key: str) -> float:
         return value if value is not None else float(params.get(f"search.{key}", "inf"))

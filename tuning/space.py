@@ -23,7 +23,7 @@ import pandas as pd
 from ray.tune.search.optuna import OptunaSearch
 
 from trainables import compress
-from trainables.names import STUDY_FILE
+from tuning.names import STUDY_FILE
 from trainables.sweep import table_from_report
 from tuning.pareto import Objective
 from tuning.spec import Spec

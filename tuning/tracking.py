@@ -37,9 +37,9 @@ import pandas as pd
 from mlflow.entities import Metric, Param
 from ray.tune import Callback, ResultGrid
 
-from trainables.names import (CURVE_METRICS, DIVERGED, DONE, EPOCH_METRICS, ERROR, ERROR_TAG, EXPERIMENT_JSON, EXPERIMENT_TAGS,
-                              HYPERVOLUME, KIND_TAG, PARENT_TAG, PHASE, POINT_METRICS, SEARCH, SEARCH_DIR_TAG,
-                              LOST, STATUS_TAG, SWEEP_CSV, TRAIN, TRIAL, TRIAL_ID_TAG)
+from trainables.names import DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, POINT_METRICS, TRAIN
+from tuning.names import (CURVE_METRICS, ERROR_TAG, EXPERIMENT_JSON, EXPERIMENT_TAGS, HYPERVOLUME, KIND_TAG,
+                          PARENT_TAG, SEARCH, SEARCH_DIR_TAG, LOST, STATUS_TAG, SWEEP_CSV, TRIAL, TRIAL_ID_TAG)
 from trainables.sweep import table_from_report
 from tuning import runs
 
