@@ -42,7 +42,6 @@ STRUCTURED = ("channel_l1",)
 # Kept channel counts of channel_l1 are multiples of this (measured: experiments/bench_round_to.py).
 ROUND_TO = 8
 
-# One CIFAR image; used to trace the graph for channel pruning and FX quantization.
 _QUANT_BACKEND = "x86"
 _CALIBRATION_BATCH = 64
 
@@ -83,9 +82,7 @@ def prune(model: nn.Module, method: str, ratio: float, *, seed: int = 0, round_t
         return _channel_l1(make_permanent(pruned), ratio, round_to)
     targets = [(module, "weight") for module in _weighted_layers(pruned)]
     if method == "global_l1":
-        torch_prune.global_unstructured(
-            targets, pruning_method=torch_prune.L1Unstructured, amount=ratio
-        )
+        torch_prune.global_unstructured(targets, pruning_method=torch_prune.L1Unstructured, amount=ratio)
     elif method == "layer_l1":
         for module, name in targets:
             torch_prune.l1_unstructured(module, name, amount=ratio)
@@ -170,11 +167,8 @@ def make_permanent(model: nn.Module) -> nn.Module:
     """
     permanent = clone(model)
     for module in permanent.modules():
-        names = [
-            name.removesuffix("_orig")
-            for name, _ in module.named_parameters(recurse=False)
-            if name.endswith("_orig")
-        ]
+        names = [name.removesuffix("_orig") for name, _ in module.named_parameters(recurse=False)
+                 if name.endswith("_orig")]
         for name in names:
             torch_prune.remove(module, name)
     return permanent
@@ -235,11 +229,7 @@ def _quiet_quantization():
 
 def is_quantized(model: nn.Module) -> bool:
     """True if ``model`` holds quantized tensors (i.e. came from ``quantize_int8``)."""
-    return any(
-        tensor.is_quantized
-        for value in model.state_dict().values()
-        for tensor in _tensors_in(value)
-    )
+    return any(tensor.is_quantized for value in model.state_dict().values() for tensor in _tensors_in(value))
 
 
 def architecture_signature(model: nn.Module) -> str:
@@ -250,13 +240,8 @@ def architecture_signature(model: nn.Module) -> str:
     same (method, ratio, int8) recipe get the same signature, so a measured latency can be
     cached under it and reused across trials.
     """
-    parts = [
-        f"{name}:{type(module).__module__}.{type(module).__qualname__}"
-        for name, module in model.named_modules()
-    ]
-    parts += [
-        f"{key}:{_describe(value)}" for key, value in sorted(model.state_dict().items())
-    ]
+    parts = [f"{name}:{type(module).__module__}.{type(module).__qualname__}" for name, module in model.named_modules()]
+    parts += [f"{key}:{_describe(value)}" for key, value in sorted(model.state_dict().items())]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -208,15 +208,25 @@ def precise_bn(model: nn.Module, split: Split, images: int) -> None:
         compress.reestimate_bn(model, split.normalized(images))
 
 
+def _network(splits: Splits, cfg: TrainConfig, model_cfg: ModelConfig, device: torch.device,
+             fresh_run: bool) -> tuple[Network, nn.Module]:
+    """The network :func:`fit` trains, in the layout it trains fastest in on ``device``. The global
+    generator is seeded first, so the initial weights (and every later draw from it) repeat run to
+    run; ``[model] weights`` load only into a ``fresh_run``, since a resumed one brings its own."""
+    torch.manual_seed(cfg.seed)
+    net = Network.of(model_cfg, splits.num_classes, splits.input_shape)
+    model = build(net, trusted=model_cfg.arch)
+    if model_cfg.weights and fresh_run:
+        fresh = load_weights(model, model_cfg.weights, net.arch)
+        print(f"prunetune: {net.arch} starts from {model_cfg.weights}"
+              + (f"; fresh: {', '.join(fresh)}" if fresh else ""), flush=True)
+    return net, for_training(model.to(device), device, cfg.amp)
+
+
 def fit(
-    splits: Splits,
-    cfg: TrainConfig,
-    *,
-    checkpoint_path: str | Path | None = None,
-    resume: dict[str, Any] | None = None,
-    meta: dict[str, Any] | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    model_cfg: ModelConfig | None = None,
+    splits: Splits, cfg: TrainConfig, *, checkpoint_path: str | Path | None = None,
+    resume: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None, model_cfg: ModelConfig | None = None,
 ) -> FitResult:
     """Train a fresh ``model_cfg`` network (ResNet18 by default; or continue ``resume``) on
     ``splits`` for ``cfg.epochs``, its output layer sized from the classes and its first layer
@@ -229,15 +239,7 @@ def fit(
     device = splits.train.x.device
     if cfg.threads > 0 and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    model_cfg = model_cfg or ModelConfig()
-    net = Network.of(model_cfg, splits.num_classes, splits.input_shape)
-    model = build(net, trusted=model_cfg.arch)
-    if model_cfg.weights and resume is None:
-        fresh = load_weights(model, model_cfg.weights, net.arch)
-        print(f"prunetune: {net.arch} starts from {model_cfg.weights}"
-              + (f"; fresh: {', '.join(fresh)}" if fresh else ""), flush=True)
-    model = for_training(model.to(device), device, cfg.amp)
+    net, model = _network(splits, cfg, model_cfg or ModelConfig(), device, fresh_run=resume is None)
     opt = make_optimizer(model, cfg)
     steps = max(1, len(splits.train) // cfg.batch_size)
     sched = make_scheduler(opt, cfg, steps)
