@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal, Mapping, MutableMapping
 
 import pandas as pd
 import torch.nn as nn
+from tqdm import tqdm
 
 from trainables import compress, measure, ort
 from trainables.data import Split, Splits, normalize
@@ -85,9 +86,13 @@ def point_key(method: str, ratio: float) -> str:
 
 
 def table_to_json(df: pd.DataFrame) -> str:
-    """The sweep table as a trial's final report carries it (under ``names.SWEEP_TABLE``):
-    JSON records, one per point. Read it back with :func:`table_from_report`."""
+    """The table in a trial's final report (``names.SWEEP_TABLE``); :func:`table_from_report` reads it."""
     return df.to_json(orient="records")
+
+
+def is_dense(table: pd.DataFrame) -> pd.Series:
+    """Rows of the dense fp32 model (ratio 0, no INT8): what speed-ups and accuracy drops are against."""
+    return (table["ratio"] == 0.0) & ~table["int8"].astype(bool)
 
 
 def table_from_report(report: Mapping[str, Any]) -> pd.DataFrame | None:
@@ -98,12 +103,6 @@ def table_from_report(report: Mapping[str, Any]) -> pd.DataFrame | None:
     if not isinstance(text, str) or not text:
         return None
     return pd.DataFrame.from_records(json.loads(text))
-
-
-def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="sweep", unit="point", file=sys.stderr, disable=not enabled, leave=False)
 
 
 @dataclass
@@ -117,8 +116,7 @@ class _Shipped:
     labels: str | None = None  # its test labels' digest (ort.labels_digest): what a verification compares
 
 
-def prune_point(model: nn.Module, method: str, ratio: float, cfg: SweepConfig,
-                train: Split | None) -> nn.Module:
+def prune_point(model: nn.Module, method: str, ratio: float, cfg: SweepConfig, train: Split | None) -> nn.Module:
     """``model`` pruned as a sweep prunes a point, before it is judged or fine-tuned: then, for a
     structured method, its BatchNorm statistics re-estimated on the first ``cfg.bn_recalibration``
     of ``train`` (the training split; None: not re-estimated, for weights that bring their own).
@@ -264,18 +262,11 @@ class _Sweep:
         return self.latency(self.ship(m, lambda: self.dense_accuracy, None, "the dense model")[0])["latency_ms"]
 
 
-def run_sweep(
-    model: nn.Module,
-    splits: Splits,
-    cfg: SweepConfig,
-    train_cfg: TrainConfig | None = None,
-    *,
-    latency_cache: MutableMapping[str, dict[str, Any]] | None = None,
-    progress: bool = True,
-    on_point: Callable[[dict[str, Any]], None] | None = None,
-    models_out: dict[str, nn.Module] | None = None,
-    artifacts_out: dict[str, ort.OrtModel] | None = None,
-) -> pd.DataFrame:
+def run_sweep(model: nn.Module, splits: Splits, cfg: SweepConfig, train_cfg: TrainConfig | None = None, *,
+              latency_cache: MutableMapping[str, dict[str, Any]] | None = None, progress: bool = True,
+              on_point: Callable[[dict[str, Any]], None] | None = None,
+              models_out: dict[str, nn.Module] | None = None,
+              artifacts_out: dict[str, ort.OrtModel] | None = None) -> pd.DataFrame:
     """Sweep ``cfg.methods`` x ``cfg.ratios`` (x INT8) over a trained dense ``model``.
 
     ``splits`` should be on the training device; evaluation stays there (INT8 models run on
@@ -294,7 +285,8 @@ def run_sweep(
               "(pytorch/ao#2259); --runtime onnxruntime measures INT8 as a search ships it", file=sys.stderr, flush=True)
     sweep = _Sweep(model, splits, cfg, train_cfg or TrainConfig(), {} if latency_cache is None else latency_cache)
     rows: list[dict[str, Any]] = []
-    with _progress(len(cfg.methods) * len(cfg.ratios) * (2 if cfg.int8 else 1), progress) as bar:
+    total = len(cfg.methods) * len(cfg.ratios) * (2 if cfg.int8 else 1)
+    with tqdm(total=total, desc="sweep", unit="point", file=sys.stderr, disable=not progress, leave=False) as bar:
         for method in cfg.methods:
             for ratio in cfg.ratios:
                 for point in sweep.points(method, ratio, models_out, artifacts_out):

@@ -38,7 +38,7 @@ from trainables.model import ModelConfig
 from trainables.names import (CHECKPOINT_FILE, DEPLOYABLE_FILE, DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, SWEEP_TABLE, TRAIN,
                               CheckpointMeta)
 from trainables.ort import OrtModel
-from trainables.sweep import SweepConfig, run_sweep, table_to_json
+from trainables.sweep import SweepConfig, is_dense, run_sweep, table_to_json
 from trainables.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, scratch_dir
 from trainables.train import DeviceError, Diverged, TrainConfig, fit
 
@@ -47,11 +47,16 @@ LATENCY_CACHE = "prunetune_latency_cache"
 
 @dataclasses.dataclass(frozen=True)
 class TrialPlan:
-    """What the search asks of every trial beyond the ``[train]`` / ``[sweep]`` recipe (the trial
-    does not read the driver's ``[search]`` table)."""
+    """What every trial of a search runs: the experiment's typed ``[model]``, ``[train]`` and
+    ``[sweep]`` sections and what the search asks beyond them (the trial does not read the
+    driver's ``[search]`` table, nor any dict)."""
 
+    model: ModelConfig
+    train: TrainConfig
+    sweep: SweepConfig
     finetune_epochs: int  # the deployable points' fine-tuning epochs (0: built without)
     method: str  # the own point's method when the search does not sample one
+    record: dict[str, Any]  # the experiment spec as each checkpoint records it (written, never read here)
 
 
 @ray.remote(num_cpus=0)
@@ -160,24 +165,27 @@ def _own_point(df: pd.DataFrame, method: str, ratio: float, int8: bool) -> dict[
     rows = built[(built.method == method) & (built.ratio == ratio) & (built.int8 == int8)]
     own = rows.iloc[0].to_dict()
     own.pop("method"), own.pop("ratio"), own.pop("int8")
-    dense = built[(built.ratio == 0.0) & ~built.int8]
+    dense = built[is_dense(built)]
     own["dense_accuracy"] = float(dense.accuracy.max()) if len(dense) else None
     return own
 
 
-def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any], plan: TrialPlan) -> None:
-    """Function trainable; ``splits``, ``spec`` and ``plan`` come once per search via ``tune.with_parameters``."""
+def _sampled(train: TrainConfig, config: dict[str, Any], threads: int) -> TrainConfig:
+    """``[train]`` with the values the search sampled for this trial (lr, and any other ``[train]``
+    key) and the threads Ray gave it. The device stays the one the user asked for ("auto"), so the
+    checkpoint sweeps and exports anywhere; the device this trial used is recorded beside it."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return dataclasses.replace(train, **{k: v for k, v in config.items() if k in fields}, threads=threads)
+
+
+def train_and_sweep(config: dict[str, Any], splits: Splits, plan: TrialPlan) -> None:
+    """Function trainable; ``splits`` and ``plan`` come once per search via ``tune.with_parameters``."""
     # one "Checkpoint successfully created" line per epoch per trial drowns the progress table
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    threads, device = _resources(spec["train"]["device"])
+    threads, device = _resources(plan.train.device)
     torch.set_num_threads(threads)
     splits = splits.to(device)  # once: training and the sweep both keep it on the device
-    searched = {k: v for k, v in config.items() if k in spec["train"]}  # lr, and any other [train] key
-    # the spec keeps the device the user asked for ("auto"), so the checkpoint sweeps and exports
-    # anywhere; the device this trial used is recorded in the checkpoint and the trial's results
-    train_cfg = dataclasses.replace(TrainConfig(**spec["train"]), **searched, threads=threads)
-    sweep_cfg = SweepConfig(**spec["sweep"])
-    model_cfg = ModelConfig(**spec.get("model", {}))
+    train_cfg, sweep_cfg, model_cfg = _sampled(plan.train, config, threads), plan.sweep, plan.model
     method = config.get("method", plan.method)
     ratio = round(float(config.get("prune_ratio", 0.0)), 4)
     int8 = bool(config.get("int8", False))
@@ -199,7 +207,7 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, spec: dict[str, Any]
             model = model_from_checkpoint(resume, trusted=model_cfg.arch).to(device)  # trained already; sweep only
             val_acc = resume["history"][-1]["val_accuracy"]
         else:
-            meta = CheckpointMeta(spec={**spec, "train": dataclasses.asdict(train_cfg)}, config=config)
+            meta = CheckpointMeta(spec={**plan.record, "train": dataclasses.asdict(train_cfg)}, config=config)
             result = fit(splits, train_cfg, checkpoint_path=ckpt_path, resume=resume, meta=meta, on_epoch=report_epoch,
                          model_cfg=model_cfg)
             model, val_acc = result.model, result.val_accuracy
