@@ -6,6 +6,7 @@ import pytest
 
 from tuning import spec as spec_mod
 from tuning.spec import SpecError
+from tuning.pareto import Objective
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,8 +110,8 @@ def test_storage_path_default_from_env_and_uris_refused(tmp_path, monkeypatch):
 
 def test_objectives_are_parsed_on_load_and_written_back(tmp_path):
     spec = spec_mod.load(write(tmp_path, '[search]\nobjectives = ["accuracy:max", "size_mb:min"]\n'))
-    assert spec.search.objectives == [("accuracy", "max"), ("size_mb", "min")]
-    assert spec.search.objectives[1].metric == "size_mb" and spec.search.objectives[1].mode == "min"
+    assert spec.search.objectives == [Objective("accuracy", "max"), Objective("size_mb", "min")]
+    assert spec.search.objectives[1].metric == "size_mb" and spec.search.objectives[1].direction == "min"
     assert spec.to_dict()["search"]["objectives"] == ["accuracy:max", "size_mb:min"]
     with pytest.raises(SpecError, match=r"\[search\] objectives\[0\]: objective 'speed:max' must be METRIC:max"):
         spec_mod.load(write(tmp_path, '[search]\nobjectives = ["speed:max"]\n'))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import secrets
 import time
 import tomllib
@@ -23,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from trainables import compress
 from trainables.data import DataConfig
 from trainables.model import ModelConfig, is_weights_file
-from trainables.model import check as check_model
 from trainables.errors import SpecError
 from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
+from tuning import _checks
 from tuning.pareto import Objective
 
 __all__ = ["Spec", "SpecError", "load", "from_dict", "replace", "parse_override", "parse_ratios"]
@@ -59,7 +57,7 @@ class SearchConfig:
     gpus_per_trial: float = 0.0  # fractional: 0.25 -> four trials share a GPU
     max_concurrent_trials: int = 0  # 0 = as many as resources allow
     max_failures: int = 2  # retries of a trial whose worker died
-    # what may be shipped and which to pick (tuning/selection.py): a floor on validation accuracy
+    # what may be shipped and which to pick (tuning/front.py): a floor on validation accuracy
     # (< 0: twice chance, 2 / classes) and two budgets (inf: none); the drop is against the best
     # equal-compute dense point of the search, 0-1 (0.01 = one point)
     min_accuracy: float = -1.0
@@ -76,6 +74,10 @@ class SearchConfig:
     # a Ray custom resource naming the nodes that stand for the hardware you deploy on: the quiet
     # re-measurement and the artifact checks run on one of them ("": the node with the most CPUs)
     latency_target: str = ""
+    # the hypervolume's reference point, one value per objective (a point worse than it adds nothing);
+    # empty: 0 for a max objective, tuning.pareto.MIN_REFERENCE for a min one. Fixed by the file, so
+    # the hypervolumes of two searches of one file compare
+    hypervolume_reference: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -111,8 +113,6 @@ _SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train":
 _ROOT_KEYS = {"name"}
 # Number keys where inf means "none" (a budget); every other number must be finite, and no number NaN.
 _INF_ALLOWED = {"max_latency_ms", "max_accuracy_drop"}
-# An experiment's name names an MLflow experiment and registered model, directories and tag filters.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # Keys holding filesystem paths: relative ones are resolved against the working directory
 # at load time, so Ray workers (which run elsewhere) get absolute paths.
 _PATH_KEYS = {("data", "path"), ("data", "root"), ("train", "output_dir"), ("search", "storage_path")}
@@ -176,75 +176,6 @@ def _build_section(source: str, section: str, cls: type, raw: Any) -> Any:
     return cls(**values)
 
 
-def _validate_ranges(spec: Spec) -> None:
-    src, d, t, s, q = spec.source, spec.data, spec.train, spec.sweep, spec.search
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise SpecError(f"{src}: {msg}")
-
-    need(bool(_NAME.fullmatch(spec.name)), f"name {spec.name!r} must be 1-64 letters, digits, '_', '.' or '-', "
-         "starting with a letter or digit (it names the MLflow experiment, the registered model and the results "
-         "directory), e.g. name = \"cifar10-channel\"")
-    need(0.0 < d.val_fraction < 1.0, f"[data] val_fraction must be in (0, 1), got {d.val_fraction}")
-    need(d.train_size >= 0 and d.test_size >= 0, "[data] train_size and test_size must be >= 0 (0 = all)")
-    need(d.dataset != "npz" or bool(d.path), "[data] dataset = 'npz' needs path = 'FILE.npz'")
-    need(d.image_size == 0 or d.image_size >= 8, f"[data] image_size must be >= 8 pixels (0 = as stored), got "
-         f"{d.image_size}")
-    need(d.dataset != "imagefolder" or d.image_size > 0, "[data] dataset = 'imagefolder' needs image_size = N "
-         "(its images are decoded once at N x N), e.g. image_size = 64")
-    check_model(spec.model)
-    need(t.epochs >= 1, f"[train] epochs must be >= 1, got {t.epochs}")
-    need(t.batch_size >= 1 and t.eval_batch_size >= 1, "[train] batch sizes must be >= 1")
-    need(t.lr > 0, f"[train] lr must be > 0, got {t.lr}")
-    need(t.momentum >= 0 and t.weight_decay >= 0, f"[train] momentum and weight_decay must be >= 0, got "
-         f"{t.momentum} and {t.weight_decay}")
-    need(t.threads >= 0, "[train] threads must be >= 0 (0 = torch's default)")
-    need(0.0 <= t.label_smoothing < 1.0, "[train] label_smoothing must be in [0, 1)")
-    need(bool(s.ratios), "[sweep] ratios must not be empty")
-    try:
-        for m in s.methods:
-            compress.check_method(m)
-        for r in s.ratios:
-            compress.check_ratio(r)
-    except ValueError as e:
-        raise SpecError(f"{src}: [sweep] {e}") from None
-    need(s.finetune_epochs >= 0 and q.finetune_epochs >= 0, "[sweep] and [search] finetune_epochs must be >= 0")
-    need(s.finetune_lr > 0, f"[sweep] finetune_lr must be > 0, got {s.finetune_lr}")
-    need(0.0 <= s.distill_weight <= 1.0, f"[sweep] distill_weight must be in [0, 1], got {s.distill_weight}")
-    need(s.distill_temperature > 0, f"[sweep] distill_temperature must be > 0, got {s.distill_temperature}")
-    need(s.qat_epochs >= 1, f"[sweep] qat_epochs must be >= 1, got {s.qat_epochs}")
-    need(s.runtime == "torch" or s.int8_mode == "ptq", "[sweep] int8_mode = 'qat' makes torch INT8 models; with "
-         "runtime = 'onnxruntime' INT8 comes from ONNX Runtime's static quantization: use int8_mode = 'ptq'")
-    need(s.bn_recalibration >= 0, f"[sweep] bn_recalibration must be >= 0 (training images; 0 = off), got "
-         f"{s.bn_recalibration}")
-    need(s.round_to >= 1, f"[sweep] round_to must be >= 1 (1 = no rounding), got {s.round_to}")
-    need(s.latency_runs >= 1 and s.latency_threads >= 1, "[sweep] latency_runs and latency_threads must be >= 1")
-    need(s.latency_warmup >= 0, f"[sweep] latency_warmup must be >= 0, got {s.latency_warmup}")
-    need(s.calibration_size >= 1, f"[sweep] calibration_size must be >= 1 (training images INT8 is calibrated "
-         f"on), got {s.calibration_size}")
-    need(s.eval_size >= 0, f"[sweep] eval_size must be >= 0 (0 = every validation / test image), got {s.eval_size}")
-    need(q.num_samples >= 1, "[search] num_samples must be >= 1")
-    need(q.max_failures >= 0, f"[search] max_failures must be >= 0 (retries of a trial whose worker died), got "
-         f"{q.max_failures}")
-    need(q.min_accuracy < 1.0, f"[search] min_accuracy must be < 1 (< 0: twice chance), got {q.min_accuracy}")
-    need(q.max_latency_ms > 0 and q.max_accuracy_drop >= 0, "[search] max_latency_ms must be > 0 and "
-         "max_accuracy_drop >= 0 (inf: no budget), e.g. max_latency_ms = 5.0, max_accuracy_drop = 0.01")
-    need(q.register_models >= 0, "[search] register_models must be >= 0 (0 = register none)")
-    need(0 < q.lr_min <= q.lr_max, f"[search] need 0 < lr_min <= lr_max, got {q.lr_min}, {q.lr_max}")
-    need(0.0 <= q.ratio_min <= q.ratio_max < 1.0, "[search] need 0 <= ratio_min <= ratio_max < 1")
-    need("://" not in q.storage_path, f"[search] storage_path {q.storage_path!r}: object store URIs are not "
-         "supported (the Optuna study and tables live beside the results); use a filesystem path, on a cluster "
-         "one shared by every node (NFS, a shared volume)")
-    need(q.cpus_per_trial > 0 and q.gpus_per_trial >= 0, "[search] cpus_per_trial must be > 0, gpus_per_trial >= 0")
-    need(q.sampler != "grid" or bool(q.grid_lrs), "[search] sampler = 'grid' needs grid_lrs = [...]")
-    need(bool(q.objectives), "[search] objectives must not be empty")
-    metrics = [o.metric for o in q.objectives]
-    need("test_accuracy" not in metrics, "[search] objectives: test_accuracy is reported, never tuned on (a search "
-         "that optimises it reports a biased test accuracy); use accuracy:max (the validation split)")
-    need(len(set(metrics)) == len(metrics), f"[search] objectives name a metric twice: {metrics}")
-
-
 def run_stamp() -> str:
     """A name for one run's directory, unique even for runs started in the same second:
     ``YYYYmmdd-HHMMSS-xxxxxx`` (6 random hex digits)."""
@@ -284,7 +215,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
                 relative.add(f"{section}.{key}")
             setattr(sec, key, str(Path(value).expanduser().resolve()))
     spec.relative = frozenset(relative)
-    _validate_ranges(spec)
+    _checks.validate(spec)
     return spec
 
 
