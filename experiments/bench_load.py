@@ -78,8 +78,7 @@ def run(trials: int, workdir: Path, uri: str, slots: int):
     """The search, in this process, on a local Ray with ``slots`` logical CPUs; its result and figures."""
     import ray
 
-    from tuning import search
-    from tuning.spec import from_dict
+    import tuning
 
     rss_start, load_start = _status("VmRSS"), os.getloadavg()[0]
     ray.init(num_cpus=slots, include_dashboard=False, logging_level="ERROR")
@@ -87,7 +86,7 @@ def run(trials: int, workdir: Path, uri: str, slots: int):
     sampler.start()
     try:
         cpu0, t0, epoch0 = time.process_time(), time.perf_counter(), time.time()
-        res = search.search(from_dict(spec_dict(trials, workdir / "rr")), tracking_uri=uri)
+        res = tuning.search(tuning.from_dict(spec_dict(trials, workdir / "rr")), tracking_uri=uri)
         wall, cpu, epoch1 = time.perf_counter() - t0, time.process_time() - cpu0, time.time()
     finally:
         sampler.done.set()

@@ -19,8 +19,7 @@ import torch
 
 from trainables import data
 from trainables.train import fit
-from tuning import search
-from tuning.spec import from_dict
+import tuning
 
 
 def main() -> None:
@@ -30,7 +29,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
-    spec = from_dict({
+    spec = tuning.from_dict({
         "name": "overhead",
         "data": {"dataset": "digits", "train_size": args.train_size, "test_size": 100},
         "train": {"epochs": args.epochs, "batch_size": 50, "optimizer": "adam", "lr": 0.002, "threads": args.threads},
@@ -45,7 +44,7 @@ def main() -> None:
     standalone = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    res = search.search(spec, tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+    res = tuning.search(spec, tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     wall = time.perf_counter() - t0
     trial_dir = Path(res.trials.trial_dir.iloc[0])
     reports = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]

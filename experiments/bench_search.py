@@ -56,7 +56,7 @@ from tuning.spec import Spec, from_dict
 
 TABLE = Path(__file__).resolve().parents[1].parent / "shared/data/seed_tables.csv"
 REF_MS = 50.0
-OBJECTIVES = [("accuracy", "max"), ("latency_ms", "min")]
+OBJECTIVES = [pareto.Objective("accuracy", "max"), pareto.Objective("latency_ms", "min")]
 METRICS = [name for name, _ in OBJECTIVES]
 STRATEGIES = ("random", "optuna", "optuna+feedback", "optuna+curve")
 FINETUNE = 2  # the deployable points' fine-tuning epochs (the fidelity)

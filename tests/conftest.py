@@ -207,7 +207,7 @@ def gpu_search(tmp_path_factory):
     an ImageFolder of 3 classes of PNGs at 48 x 48 (your own images: the path a user takes)."""
     import ray
 
-    from tuning import search
+    from tuning import driver
     from tuning.spec import from_dict
 
     tmp_path = tmp_path_factory.mktemp("search")
@@ -218,7 +218,7 @@ def gpu_search(tmp_path_factory):
     d["train"]["device"] = "cpu"  # logical GPUs are scheduling slots here: torch has no CUDA to train on
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
     try:
-        res = search.search(from_dict(d), tracking_uri=uri)
+        res = driver.search(from_dict(d), tracking_uri=uri)
     finally:
         ray.shutdown()
     return res, uri

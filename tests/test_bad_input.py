@@ -216,7 +216,7 @@ def test_a_second_live_search_on_a_directory_is_refused_naming_the_first(tmp_pat
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from tuning.search import _locked
+        from tuning.driver import _locked
         with _locked(Path({str(exp_dir)!r})):
             print("locked", flush=True)
             time.sleep(60)
@@ -228,7 +228,7 @@ def test_a_second_live_search_on_a_directory_is_refused_naming_the_first(tmp_pat
     finally:
         holder.kill()
         holder.wait()
-    from tuning.search import _locked
+    from tuning.driver import _locked
 
     with _locked(exp_dir):  # the holder is gone: its lock went with it
         pass

@@ -46,7 +46,7 @@ def test_concurrent_trials_nothing_lost_no_credential_logged_front_checkpoints_o
     from mlflow import MlflowClient
 
     client = MlflowClient(auth_mlflow.url)
-    trial = sorted(set(res.trials.trial_id) - set(res.front.trial_id))[0]
+    trial = sorted(set(res.trials.trial_id) - set(res.front.rows.trial_id))[0]
     (run,) = client.search_runs([client.get_experiment_by_name("load").experiment_id],
                                 f"tags.`prunetune.trial_id` = '{trial}'")
     r = prunetune_here("export", run.info.run_id, "--format", "onnx", "-o", str(tmp_path / "m.onnx"),

@@ -22,7 +22,9 @@ from trainables.model import DEFAULT_ARCH
 from trainables.names import CHECKPOINT_FILE, DEPLOYABLE_FILE, CheckpointMeta
 from trainables.sweep import artifact_name
 from trainables.train import TrainConfig, fit
-from tuning import models, registry, selection
+from tuning import front as front_mod, models, registry
+from tuning.front import Front, Rules
+from tuning.tracking import MlflowTracking
 from tuning.models import Point
 from tuning.pareto import Objective
 from tuning.spec import from_dict
@@ -88,30 +90,32 @@ def store(tmp_path_factory, trained, spec, front):
     its checkpoint directory (artifacts included) and sweep.csv, as retention and tracking log them."""
     where = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{where}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.create_experiment(spec.name, artifact_location=str(where / "artifacts"))  # not ./mlruns
-    parent = client.create_run(exp).info.run_id
-    client.log_text(parent, json.dumps(spec.to_dict()), "experiment.json")
-    trial = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
-    client.log_param(trial, "method", "channel_l1")
-    client.log_param(trial, "prune_ratio", 0.5)
-    client.log_artifacts(trial, str(trained.parent), "checkpoint")
-    client.log_text(trial, front.to_csv(index=False), "sweep.csv")
-    return uri, parent, trial
+    MlflowClient(uri).create_experiment(spec.name, artifact_location=str(where / "artifacts"))  # not ./mlruns
+    tracker = MlflowTracking(uri, spec.to_dict(), where / "search")  # the parent run, with experiment.json
+    trial = tracker._child("t1", {"method": "channel_l1", "prune_ratio": 0.5})
+    tracker.client.log_artifacts(trial, str(trained.parent), "checkpoint")
+    tracker.client.log_text(trial, front.to_csv(index=False), "sweep.csv")
+    return uri, tracker, trial
+
+
+def _front(rows: pd.DataFrame, rules: Rules) -> Front:
+    """``rows`` as the front the registry gets (both points, whichever dominates), with their aliases."""
+    aliases = front_mod.pick(rows, OBJECTIVES, rules, rows.accuracy.max())
+    return Front(rows, rows, rules, tuple(OBJECTIVES), rows.accuracy.max(), aliases)
 
 
 @pytest.fixture(scope="module")
 def registered(store, trained, spec, splits, front):
-    uri, parent, trial = store
-    picks = selection.pick(front, OBJECTIVES, selection.Rules(max_accuracy_drop=1.0), front.accuracy.max())
-    aliases = registry.register_front(uri, parent, front, picks, {"t1": trained}, {"t1": trial}, spec, splits)
-    return uri, trial, aliases, picks
+    uri, tracker, trial = store
+    registering = _front(front, Rules(max_accuracy_drop=1.0))
+    aliases = registry.register_front(tracker, registering, {"t1": trained}, spec, splits)
+    return uri, trial, aliases, registering.aliases
 
 
 def test_register_front_holds_the_measured_bytes_with_their_record(registered, spec, front, trained):
     uri, trial, aliases, picks = registered
     client = MlflowClient(uri)
-    assert set(aliases) == set(selection.ALIASES) and len(client.search_model_versions(f"name='{spec.name}'")) == 2
+    assert set(aliases) == set(front_mod.ALIASES) and len(client.search_model_versions(f"name='{spec.name}'")) == 2
     fastest = client.get_model_version_by_alias(spec.name, "fastest")
     row = front.loc[picks["fastest"]]
     assert (fastest.tags["method"], float(fastest.tags["ratio"]), fastest.tags["trial_run_id"]) == (
@@ -122,6 +126,7 @@ def test_register_front_holds_the_measured_bytes_with_their_record(registered, s
     # the version holds exactly the bytes the trial measured (MLflow's ONNX flavour, no external data)
     import mlflow
 
+    mlflow.set_tracking_uri(uri)  # registering left the caller's URI alone: the fluent API below needs it
     path = mlflow.artifacts.download_artifacts(f"models:/{spec.name}/{fastest.version}", tracking_uri=uri)
     assert hashlib.sha256(open(f"{path}/model.onnx", "rb").read()).hexdigest() == row.artifact_sha256
     card = fastest.description
@@ -135,14 +140,13 @@ def test_register_front_holds_the_measured_bytes_with_their_record(registered, s
 
 def test_a_second_end_phase_registers_nothing_twice_and_moves_no_alias_to_a_provisional_latency(
         registered, store, trained, spec, splits, front):
-    uri, parent, trial = store
+    uri, tracker, trial = store
     client = MlflowClient(uri)
-    before = {a: client.get_model_version_by_alias(spec.name, a).version for a in selection.ALIASES}
+    before = {a: client.get_model_version_by_alias(spec.name, a).version for a in front_mod.ALIASES}
     provisional = front.assign(latency_source="trial", latency_ms=front.latency_ms[::-1].to_numpy())
-    picks = selection.pick(provisional, OBJECTIVES, selection.Rules(), provisional.accuracy.max())
-    moved = registry.register_front(uri, parent, provisional, picks, {"t1": trained}, {"t1": trial}, spec, splits)
+    moved = registry.register_front(tracker, _front(provisional, Rules()), {"t1": trained}, spec, splits)
     assert moved == {} and len(client.search_model_versions(f"name='{spec.name}'")) == 2
-    assert {a: client.get_model_version_by_alias(spec.name, a).version for a in selection.ALIASES} == before
+    assert {a: client.get_model_version_by_alias(spec.name, a).version for a in front_mod.ALIASES} == before
 
 
 def test_the_registered_model_takes_uint8_images_and_answers_with_class_names(registered, spec, splits):
@@ -168,7 +172,7 @@ def test_export_hands_out_the_registered_bytes_verified_here(registered, spec, f
     assert r.returncode == 0, r.stderr
     row = front.loc[picks["knee"]]
     assert hashlib.sha256((tmp_path / "knee.onnx").read_bytes()).hexdigest() == row.artifact_sha256
-    assert f"verified on " in r.stdout and "the same bytes" in r.stdout and "the same labels as recorded" in r.stdout
+    assert "verified on " in r.stdout and "the same bytes" in r.stdout and "the same labels as recorded" in r.stdout
     r = prunetune_here("verify", f"models:/{spec.name}@knee", "--file", str(tmp_path / "knee.onnx"),
                        "--tracking-uri", uri)
     assert r.returncode == 0 and "ok: within the tolerance" in r.stdout, r.stderr
@@ -199,6 +203,7 @@ def _local_model_file(uri: str, name: str, version: str):
 
     import mlflow
 
+    mlflow.set_tracking_uri(uri)
     logged = mlflow.get_logged_model(logged_model_id(MlflowClient(uri).get_model_version(name, version)))
     return Path(logged.artifact_location.removeprefix("file://")) / "model.onnx"
 

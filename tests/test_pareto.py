@@ -5,21 +5,22 @@ import pandas as pd
 import pytest
 
 from tuning import pareto
+from tuning.pareto import Objective
 
-OBJ = [("accuracy", "max"), ("latency_ms", "min")]
+OBJ = [Objective("accuracy", "max"), Objective("latency_ms", "min")]
 
 
 def brute_front(df, objectives):
     keep = []
     for i, a in df.iterrows():
-        if any(np.isnan(a[n]) for n, _ in objectives):
+        if any(np.isnan(a[n]) for n in (o.metric for o in objectives)):
             continue
         dominated = False
         for j, b in df.iterrows():
-            if any(np.isnan(b[n]) for n, _ in objectives):
+            if any(np.isnan(b[n]) for n in (o.metric for o in objectives)):
                 continue
-            better_eq = all((b[n] >= a[n]) if m == "max" else (b[n] <= a[n]) for n, m in objectives)
-            strictly = any((b[n] > a[n]) if m == "max" else (b[n] < a[n]) for n, m in objectives)
+            better_eq = all((b[n] >= a[n]) if m == "max" else (b[n] <= a[n]) for n, m in ((o.metric, o.direction) for o in objectives))
+            strictly = any((b[n] > a[n]) if m == "max" else (b[n] < a[n]) for n, m in ((o.metric, o.direction) for o in objectives))
             dominated |= better_eq and strictly
         if not dominated:
             keep.append(i)
@@ -32,7 +33,7 @@ def test_front_matches_brute_force(seed):
     df = pd.DataFrame({"accuracy": rng.integers(0, 6, 40) / 5, "latency_ms": rng.integers(1, 8, 40).astype(float),
                        "size_mb": rng.random(40)})
     df.loc[3, "accuracy"] = np.nan
-    for objectives in (OBJ, OBJ + [("size_mb", "min")]):
+    for objectives in (OBJ, OBJ + [Objective("size_mb", "min")]):
         assert sorted(pareto.front(df, objectives).index) == brute_front(df, objectives)
 
 
@@ -68,7 +69,8 @@ def test_knee_is_balanced_point():
 
 def test_objective_parse_and_str():
     o = pareto.Objective.parse("accuracy:max")
-    assert o == ("accuracy", "max") and (o.metric, o.mode) == ("accuracy", "max") and str(o) == "accuracy:max"
+    assert o == Objective("accuracy", "max") and (o.metric, o.direction, o.role) == ("accuracy", "max", "accuracy")
+    assert str(o) == "accuracy:max" and Objective.parse("latency_ms:min").role == "latency"
     for bad in ("accuracy", "accuracy:maximum", "acc:max"):
         with pytest.raises(ValueError, match="METRIC:max or METRIC:min with METRIC one of accuracy"):
             pareto.Objective.parse(bad)

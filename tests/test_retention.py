@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 from conftest import prunetune_here
 from trainables.names import DONE, PHASE, TRAIN
 from tuning.names import CHECKPOINT_TAG
-from tuning import retention, runs
+from tuning import report, retention, runs
+from tuning.front import Front, Rules
 from tuning.results import SearchResult
 from tuning.spec import from_dict
 from tuning.tracking import MlflowTracking
@@ -31,8 +32,8 @@ def search_dir(exp_dir: Path) -> SearchResult:
         (ckpt / "beside.pt").write_bytes(b"w" * 10)  # what a trial saves beside its weights goes along
         (ckpt.parent / "result.json").write_text("{}\n")
         rows.append({"trial_id": trial_id, "status": status, "checkpoint": str(ckpt), "trial_dir": str(ckpt.parent)})
-    front = pd.DataFrame([{"trial_id": "t1", "method": "global_l1", "ratio": 0.5, "int8": False}])
-    return SearchResult(exp_dir, pd.DataFrame(rows), front, front)
+    points = pd.DataFrame([{"trial_id": "t1", "method": "global_l1", "ratio": 0.5, "int8": False}])
+    return SearchResult(exp_dir, pd.DataFrame(rows), Front(points, points, Rules(), ()))
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def finished(tmp_path):
         spec = from_dict({"name": "unit", "search": {"storage_path": str(exp_dir.parent), "keep_checkpoints": keep}})
         t = MlflowTracking(uri, spec.to_dict(), exp_dir)
         for trial_id, status in STATUS.items():
-            t.log_result(trial_id, {}, {PHASE: TRAIN, "epoch": 1, "val_accuracy": 0.5})
+            t.log_result(report.of({"trial_id": trial_id, PHASE: TRAIN, "epoch": 1, "val_accuracy": 0.5}))
             t.client.set_tag(t.runs[trial_id], "prunetune.status", status)
         return t, spec
 

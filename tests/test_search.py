@@ -12,10 +12,11 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 
 from conftest import FOLDER_CLASSES, FOLDER_LABELS, REPO, prunetune, prunetune_here, three_digits, tiny_spec
 from tuning.names import STUDY_FILE
-from tuning import search, space
+from tuning import driver, front as front_mod, space
 from tuning.spec import from_dict
 
 
@@ -57,14 +58,14 @@ def test_points_front_and_shared_latency(gpu_search):
     assert (res.path / "all_points.csv").is_file() and len(res.front) >= 1
     pts = pd.read_csv(res.path / "all_points.csv", dtype={"trial_id": str})
     assert len(pts) == 4 * (4 + 2) and set(pts.method) == {"global_l1", "channel_l1"}  # curve + deployable points
-    assert (res.front.finetune_epochs == 1).all()  # the front holds fine-tuned (deployable) points only
+    assert (res.front.rows.finetune_epochs == 1).all()  # the front holds fine-tuned (deployable) points only
     # same architecture, same latency, in every trial (one shared measurement, then one quiet one)
     assert (pts.groupby("arch").latency_ms.nunique() == 1).all(), pts.to_string()
     assert pts.trial_id.nunique() == 4 and pts.groupby("arch").trial_id.nunique().max() == 4
     # the front's latencies were re-measured quietly (>= 100 runs) and replaced the trials' ones
-    assert (res.front.latency_source == "quiet").all(), res.front.to_string()
+    assert (res.front.rows.latency_source == "quiet").all(), res.front.rows.to_string()
     quiet = pts[pts.latency_source == "quiet"]
-    assert set(quiet.arch) >= set(res.front.arch) and len(quiet) > len(res.front)
+    assert set(quiet.arch) >= set(res.front.rows.arch) and len(quiet) > len(res.front)
 
 
 @pytest.mark.slow
@@ -91,7 +92,7 @@ def test_mlflow_runs_metrics_artifacts_and_registry(gpu_search):
     assert client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
     assert "sweep.csv" in {a.path for a in client.list_artifacts(child.info.run_id)}
     # keep_checkpoints = "front" (default): a checkpoint, on disk and in MLflow, for the front's trials only
-    on_front = set(res.front.trial_id)
+    on_front = set(res.front.rows.trial_id)
     assert {c.data.tags["prunetune.trial_id"] for c in children
             if "checkpoint" in {a.path for a in client.list_artifacts(c.info.run_id)}} == on_front
     assert {d.parent.name for d in res.path.glob("*/checkpoint_*")} == {
@@ -106,8 +107,8 @@ def test_mlflow_runs_metrics_artifacts_and_registry(gpu_search):
         assert v.tags["latency_source"] == "quiet" and "latency" in v.description
     best = client.get_model_version_by_alias("tiny", "best-accuracy").tags
     fastest = client.get_model_version_by_alias("tiny", "fastest").tags
-    assert float(best["accuracy"]) == res.front.accuracy.max()
-    assert float(fastest["latency_ms"]) == res.front.latency_ms.min()
+    assert float(best["accuracy"]) == res.front.rows.accuracy.max()
+    assert float(fastest["latency_ms"]) == res.front.rows.latency_ms.min()
 
 
 def cli(*args: str, uri: str) -> subprocess.CompletedProcess:
@@ -124,7 +125,7 @@ def test_pareto_json_equals_front_of_all_points(gpu_search):
     assert r.returncode == 0, r.stderr
     got = pd.DataFrame(json.loads(r.stdout.strip().splitlines()[-1]))
     pts = pd.read_csv(res.path / "all_points.csv", dtype={"trial_id": str})
-    want = pareto.front(pts[pts.artifact.notna()], [("accuracy", "max"), ("latency_ms", "min")])
+    want = pareto.front(pts[pts.artifact.notna()], [pareto.Objective("accuracy", "max"), pareto.Objective("latency_ms", "min")])
     key = ["trial_id", "method", "ratio", "int8"]
     assert sorted(map(tuple, got[key].values.tolist())) == sorted(map(tuple, want[key].values.tolist()))
     assert got.run_id.notna().all() and got.version.notna().sum() == min(len(got), 6) and got.picked.sum() == 1
@@ -137,7 +138,7 @@ def test_pareto_json_equals_front_of_all_points(gpu_search):
     got = pd.DataFrame(json.loads(r.stdout.strip().splitlines()[-1]))
     assert got[got.picked].latency_ms.iloc[0] == pytest.approx(want.latency_ms.min(), rel=1e-9)
     r = cli("pareto", "--experiment", "tiny", "--max-latency-ms", "0.001", uri=uri)
-    assert r.returncode == 1 and "no point meets the budgets" in r.stdout and "most accurate" not in r.stdout
+    assert r.returncode == 3 and "no point meets the budgets" in r.stdout and "most accurate" not in r.stdout
     r = cli("pareto", "--experiment", "nope", uri=uri)
     assert r.returncode == 2 and "no MLflow experiment 'nope'" in r.stderr
 
@@ -194,13 +195,13 @@ def test_resume_of_a_finished_search_changes_no_version_and_no_alias(gpu_search)
     before, quiet = registry(), json.loads((res.path / "quiet.json").read_text())
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
     try:
-        again, _ = search.resume(res.path)
+        again = driver.resume(res.path)
     finally:
         ray.shutdown()
     assert registry() == before and len(before[0]) >= 1
     assert json.loads((res.path / "quiet.json").read_text()) == quiet  # nothing timed again
     assert (again.front.latency_source == "quiet").all()
-    assert sorted(again.front.artifact_sha256) == sorted(res.front.artifact_sha256)
+    assert sorted(again.front.rows.artifact_sha256) == sorted(res.front.rows.artifact_sha256)
 
 
 def _done_trials(exp_dir: Path) -> int:
@@ -342,7 +343,7 @@ def test_mlflow_models_serve_answers_with_the_labels_pytorch_predicts(gpu_search
 
     try:
         wait_for(up, "mlflow models serve", 180, log)
-        spec = from_dict(json.loads((res.path / search.SPEC_FILE).read_text()))
+        spec = from_dict(json.loads((res.path / driver.SPEC_FILE).read_text()))
         test = data.load(spec.data).test
         images = test.x[:8].permute(0, 2, 3, 1).contiguous().numpy()  # uint8, 8 x 48 x 48 x 3, as decoded
         status, out = post({"inputs": images.tolist()})
@@ -351,8 +352,8 @@ def test_mlflow_models_serve_answers_with_the_labels_pytorch_predicts(gpu_search
         assert set(got) <= {0, 1, 2} and out["predictions"]["class"] == [FOLDER_LABELS[i] for i in got]
         # the same point through PyTorch: its fine-tuned weights, re-derived from the trial's files
         version = mlflow.MlflowClient(uri).get_model_version_by_alias("tiny", "knee").tags
-        row = res.front[(res.front.trial_id == version["trial_id"]) & (res.front.method == version["method"])
-                        & (res.front.ratio == float(version["ratio"]))].iloc[0]
+        row = res.front.rows[(res.front.rows.trial_id == version["trial_id"]) & (res.front.rows.method == version["method"])
+                        & (res.front.rows.ratio == float(version["ratio"]))].iloc[0]
         point = models.Point("", row.method, float(row.ratio), bool(row.int8))
         ckpt = res.checkpoints()[row.trial_id]
         dense, _ = models.dense_from_checkpoint(ckpt)
@@ -393,7 +394,7 @@ def test_an_onnxruntime_search_ships_onnx_models_and_goes_on_past_a_diverged_tri
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        res = search.search(from_dict(d), tracking_uri=uri)
+        res = driver.search(from_dict(d), tracking_uri=uri)
     finally:
         ray.shutdown()
     t = res.trials.set_index("lr")
@@ -401,7 +402,7 @@ def test_an_onnxruntime_search_ships_onnx_models_and_goes_on_past_a_diverged_tri
     assert "diverged at epoch 1" in t.loc[1e12, "error"]
     nan_trial, good_trial = t.loc[1e12, "trial_id"], t.loc[0.002, "trial_id"]
     # the front and every point come from the good trial only
-    assert len(res.front) >= 1 and set(res.front.trial_id) == {good_trial} == set(res.points.trial_id)
+    assert len(res.front) >= 1 and set(res.front.rows.trial_id) == {good_trial} == set(res.points.trial_id)
     assert nan_trial not in set(pd.read_csv(res.path / "pareto.csv", dtype={"trial_id": str}).trial_id)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
@@ -413,7 +414,7 @@ def test_an_onnxruntime_search_ships_onnx_models_and_goes_on_past_a_diverged_tri
     assert set(front.trial_id) == {good_trial}
     # ONNX Runtime all the way: the points, the quiet front, the registered models
     assert (res.points.runtime == "onnxruntime").all() and res.points.error.isna().all()
-    assert (res.front.latency_source == "quiet").all()
+    assert (res.front.rows.latency_source == "quiet").all()
     assert res.points.arch.str.endswith(("/onnxruntime", "/onnxruntime-int8")).all()
     mlflow.set_tracking_uri(uri)
     assert "onnx" in mlflow.models.get_model_info("models:/tiny@pick").flavors
@@ -422,3 +423,50 @@ def test_an_onnxruntime_search_ships_onnx_models_and_goes_on_past_a_diverged_tri
     assert out["label"].shape == (4,) and out["probabilities"].shape == (4, 3)
     assert set(out["class"]) <= set(FOLDER_CLASSES) and images.shape[1:] == (48, 48, 3)
     assert abs(float(out["probabilities"].sum()) - 4.0) < 1e-3
+
+
+PYTHON_API_SCRIPT = """
+import json, os, sys
+import mlflow
+import tuning
+
+import ray
+ray.init(num_cpus=2, include_dashboard=False)  # a notebook's Ray (what ray.init sets is Ray's; a search's is ours)
+import sklearn.datasets, tensorboardX, tuning.driver  # what importing them sets is theirs (KMP_*, CRC32C_SW_MODE)
+before = dict(os.environ)
+spec = tuning.load("experiments/quickstart.toml", [
+    "search.num_samples=2", "train.epochs=1", "search.finetune_epochs=1", "data.train_size=120",
+    "data.test_size=40", "sweep.ratios=[0.0, 0.3]", "sweep.latency_runs=3", "search.min_accuracy=0.0",
+    'search.objectives=["size_mb:min", "latency_ms:min", "accuracy:max"]', f"search.storage_path={sys.argv[1]}"])
+result = tuning.search(spec, tracking_uri=sys.argv[2])
+assert isinstance(result, tuning.SearchResult) and isinstance(result.front, tuning.Front)
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+try:
+    tuning.load("nope.toml")
+except tuning.PrunetuneError as e:
+    refused = str(e)
+print(json.dumps({"rows": len(result.front), "aliases": sorted(result.front.aliases),
+                  "plane": [str(o) for o in result.front.plane], "hypervolume": result.front.hypervolume,
+                  "trials": len(result.grid), "study": len(result.study.trials), "changed": changed,
+                  "uri_set": mlflow.is_tracking_uri_set(), "refused": refused}))
+"""
+
+
+@pytest.mark.slow
+def test_the_python_api_runs_the_quickstart_from_a_script(tmp_path):
+    """``import tuning`` from a script: the quickstart (shrunk) with three objectives, written in an
+    order that puts accuracy last, returns the front, Tune's results and the study, registers
+    models with every alias, and leaves the caller's environment and MLflow URI as they were."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    script = tmp_path / "search.py"
+    script.write_text(PYTHON_API_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "rr"), uri], cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["rows"] >= 1 and got["aliases"] == sorted(front_mod.ALIASES) and got["trials"] == 2
+    assert got["plane"] == ["accuracy:max", "latency_ms:min"] and got["hypervolume"] > 0 and got["study"] >= 2
+    assert got["changed"] == [], got["changed"]
+    assert got["uri_set"] is False and "experiment file nope.toml not found" in got["refused"]
+    versions = MlflowClient(uri).search_model_versions("name='quickstart'")
+    assert len(versions) >= 1 and "hypervolume" in r.stdout  # three objectives register models

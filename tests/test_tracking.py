@@ -13,6 +13,7 @@ from trainables.names import DIVERGED, DONE, ERROR, PHASE, SWEEP_TABLE, TRAIN
 from tuning.names import FRONT_CSV, POINTS_CSV, STATUS_TAG, TRIAL_ID_TAG
 from trainables.sweep import table_to_json
 from tuning import runs
+from tuning.report import of
 from tuning.spec import from_dict
 from tuning.tracking import MlflowTracking
 
@@ -71,9 +72,9 @@ def test_a_trial_is_mirrored_report_by_report(store, tmp_path):
     uri, spec, exp_dir = store
     experiment(uri, exp_dir.parent)
     tracker = MlflowTracking(uri, spec, exp_dir)
-    for report in reports("t1"):
-        tracker.log_result("t1", {"lr": 0.01, "prune_ratio": 0.5}, report)
-    tracker.end_trial("t1", {}, reports("t1")[-1])
+    for r in reports("t1"):
+        tracker.log_result(of(r, {"lr": 0.01, "prune_ratio": 0.5}))
+    tracker.end_trial(of(reports("t1")[-1]))
     client = MlflowClient(uri)
     run = children(uri, tracker)["t1"]
     assert run.info.status == "FINISHED" and run.data.tags[STATUS_TAG] == DONE
@@ -93,9 +94,9 @@ def test_diverged_and_errored_trials_end_failed(store):
     uri, spec, exp_dir = store
     experiment(uri, exp_dir.parent)
     tracker = MlflowTracking(uri, spec, exp_dir)
-    for report in reports("bad", diverge=True):
-        tracker.log_result("bad", {}, report)
-    tracker.end_trial("bad", {}, reports("bad", diverge=True)[-1])
+    for r in reports("bad", diverge=True):
+        tracker.log_result(of(r))
+    tracker.end_trial(of(reports("bad", diverge=True)[-1]))
     tracker.fail_trial("crashed", {"lr": 0.1})
     found = children(uri, tracker)
     assert (found["bad"].info.status, found["bad"].data.tags[STATUS_TAG]) == ("FAILED", "diverged")
@@ -107,17 +108,17 @@ def test_a_trial_that_missed_a_result_stays_open(store):
     uri, spec, exp_dir = store
     experiment(uri, exp_dir.parent)
     tracker = MlflowTracking(uri, spec, exp_dir)
-    tracker.log_result("t1", {}, reports("t1")[0])
+    tracker.log_result(of(reports("t1")[0]))
     tracker.missed.add("t1")  # what the hooks record when the server did not answer
-    tracker.end_trial("t1", {}, reports("t1")[-1])
+    tracker.end_trial(of(reports("t1")[-1]))
     assert children(uri, tracker)["t1"].info.status == "RUNNING"  # the back-fill completes it
 
 
 def _toy_trainable(config):
     from ray import tune
 
-    for report in reports(tune.get_context().get_trial_id(), diverge=config["diverge"]):
-        tune.report({k: v for k, v in report.items() if k != "trial_id"})
+    for r in reports(tune.get_context().get_trial_id(), diverge=config["diverge"]):
+        tune.report({k: v for k, v in r.items() if k != "trial_id"})
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_backfill_logs_every_report_ray_kept_in_order(store, toy_grid):
     ids = {r.config["diverge"]: r.metrics["trial_id"] for r in toy_grid}
     good_result = next(r for r in toy_grid if not r.config["diverge"])
     first = good_result.metrics_dataframe.iloc[0]  # the first report, as Ray kept it
-    tracker.log_result(ids[False], {}, first[first.notna()].to_dict())  # logged before an outage: the run is open
+    tracker.log_result(of(first[first.notna()].to_dict()))  # logged before an outage: the run is open
     assert sorted(tracker.backfill(toy_grid)) == sorted(ids.values())
     client = MlflowClient(uri)
     found = children(uri, tracker)
@@ -166,7 +167,7 @@ def test_a_finished_search_is_read_back_with_run_ids(store, tmp_path):
         runs.load_search(uri, "unit")
     experiment(uri, exp_dir.parent)
     tracker = MlflowTracking(uri, spec, exp_dir)
-    tracker.log_result("08088346", {}, reports("08088346")[0])  # an all-digit trial id stays a string
+    tracker.log_result(of(reports("08088346")[0]))  # an all-digit trial id stays a string
     with pytest.raises(runs.NotFound, match="no finished prunetune search in experiment 'unit'"):
         runs.load_search(uri, "unit")
     points_csv, front_csv = tmp_path / POINTS_CSV, tmp_path / FRONT_CSV

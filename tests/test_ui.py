@@ -49,7 +49,7 @@ def test_mlflow_ui_lists_parent_and_child_runs(gpu_search, tmp_path):
               for v in client.search_model_versions("name='tiny'")]
     names = {m.name for m in logged}
     latencies = {m.name: next(x.value for x in m.metrics if x.key == "latency_ms") for m in logged}
-    assert names and names <= {point_name(r) for r in res.front.itertuples()}  # every version: a front point
+    assert names and names <= {point_name(r) for r in res.front.rows.itertuples()}  # every version: a front point
     port = free_port()  # `prunetune ui` on the search's store, as a user runs it
     proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

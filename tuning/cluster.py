@@ -6,6 +6,7 @@
   outside, else a local Ray; Tune's settings (:data:`TUNE_ENV`) go where its controller runs.
 - :func:`check_storage`: on several nodes, every node must see ``storage_path`` (trial
   checkpoints are read back wherever a trial restarts); probed from a task on each node.
+- :func:`check_target`: a ``[search] latency_target`` names a resource some alive node has.
 - :func:`slots`: how many trials the connected cluster runs at once.
 """
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 from trainables.errors import ClusterError, SpecError
 from tuning.spec import SearchConfig
 
-# Tune settings for the process that runs Tune's controller (this one, or under Ray Client
-# an actor on the cluster, which gets them through the job's runtime env).
+# Tune settings for the process that runs Tune's controller (the driver, for the search's
+# duration: tuning.driver; under Ray Client an actor on the cluster, through the job's runtime env).
 TUNE_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",  # the narrowed CLIReporter table
     # per-epoch reports carry val_accuracy only; the objectives arrive with the final report
@@ -59,8 +60,6 @@ def connect(address: str | None = None) -> None:
     ``ray://HOST:10001`` (Ray Client) from outside; else start a local Ray. No-op if connected."""
     import ray
 
-    for key, value in TUNE_ENV.items():
-        os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -139,6 +138,26 @@ def _sees_on_each(nodes: list[dict], path: str) -> list[bool | None]:
             for n in nodes]
     answered, _ = ray.wait(refs, num_returns=len(refs), timeout=_PROBE_TIMEOUT_S)
     return [ray.get(r) if r in answered else None for r in refs]
+
+
+def check_target(search: SearchConfig) -> None:
+    """Before any training: a ``[search] latency_target`` must name a resource some alive node has."""
+    import ray
+
+    if search.latency_target and not target_nodes(search.latency_target):
+        have = sorted({r for n in ray.nodes() if n["Alive"] for r in n["Resources"]
+                       if r not in ("CPU", "GPU", "memory", "object_store_memory") and not r.startswith("node:")})
+        raise ClusterError(f"[search] latency_target = {search.latency_target!r}: no node of the cluster has that "
+                           f"resource (custom resources here: {', '.join(have) or 'none'}); start the node that stands "
+                           f"for your deployment hardware with `ray start --resources '{{\"{search.latency_target}\": 1}}'`")
+
+
+def target_nodes(target: str) -> list[dict]:
+    """The alive nodes with a CPU that stand for ``target`` (a custom resource; "": every one)."""
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1
+            and (not target or n["Resources"].get(target, 0) > 0)]
 
 
 def slots(search: SearchConfig) -> int:

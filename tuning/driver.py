@@ -1,17 +1,23 @@
-"""The search driver, top to bottom: connect -> check -> run -> collect -> register -> summary.
+"""The search driver, top to bottom: connect -> check -> run -> the front -> register -> summary.
 
-``prunetune search`` and ``prunetune resume`` are :func:`search` and :func:`resume`. Each step is
-one call into the module that owns it:
+``prunetune search`` and ``prunetune resume`` are :func:`search` and :func:`resume` (also
+``tuning.search`` / ``tuning.resume`` from Python). Each step is one call into the module that
+owns it:
 
 - connect and check: :mod:`tuning.cluster` (Ray address, connection, shared storage) and
   :mod:`tuning.runs` (the MLflow store), before anything is trained;
 - run: :mod:`tuning.tuner` (Ray Tune: one trial trains, sweeps and reports; the searcher of
   :mod:`tuning.space` samples the next), with :mod:`tuning.tracking` mirroring every trial
   into MLflow as it goes;
-- collect: :mod:`tuning.results` (every sweep point, the Pareto front, the CSV tables, the plot);
+- the front: :mod:`tuning.results` collects every sweep point, :mod:`tuning.front` computes the
+  front once, :mod:`tuning.quiet` times its artifacts quietly (a new front from those figures),
+  and the tables and the plot are written from the final one;
 - register: back-fill what an MLflow outage missed, the tables on the parent run, the front's
-  models and their aliases (:mod:`tuning.models`);
+  models and their aliases (:mod:`tuning.registry`); keep the checkpoints it needs
+  (:mod:`tuning.retention`);
 - summary: the table printed at the end.
+
+The caller's environment is left as it was (:mod:`tuning._scoped`).
 """
 from __future__ import annotations
 
@@ -20,17 +26,17 @@ import fcntl
 import json
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
 from trainables import data, measure
-from trainables.model import check_weights_file
-from tuning.names import ACCURACY_FLOOR, DENSE_ACCURACY, LOCK_FILE, SPEC_FILE, TRACKING_FILE
-from tuning import cluster, jobs, quiet, registry, results, retention, runs, selection, space, tracking, tuner
-from tuning.results import SearchResult
 from trainables.errors import NotFound, SearchLocked, SpecError
+from trainables.model import check_weights_file
+from tuning import _scoped, cluster, jobs, quiet, results, retention, runs, space, tracking, tuner
+from tuning import front as front_mod
+from tuning.names import LOCK_FILE, SPEC_FILE, TRACKING_FILE
+from tuning.results import SearchResult
 from tuning.spec import Spec, from_dict, new_run_dir
 
 __all__ = ["SearchResult", "search", "resume"]
@@ -43,105 +49,75 @@ def search(spec: Spec, address: str | None = None, tracking_uri: str | None = No
                         "fine-tuned points' fp32 weights and re-derives their INT8 by calibration (ptq) when it "
                         "registers or exports them; use int8_mode = 'ptq'")
     check_weights_file(spec.model)  # before anything is created
-    cluster.check_address(address)
     uri = runs.tracking_uri(tracking_uri)
-    runs.check_reachable(uri)  # before any training starts
-    cluster.connect(address)
-    cluster.check_storage(spec.search.storage_path)
-    quiet.check_target(spec.search)
-    exp_dir = _new_experiment_dir(spec, uri)
-    with _locked(exp_dir):
-        return _run(spec, exp_dir, uri, restore=False)
+    with _scoped.environment({**cluster.TUNE_ENV, **runs.CLIENT_ENV}):
+        runs.check_reachable(uri)  # before any training starts
+        cluster.check_address(address)
+        cluster.connect(address)
+        cluster.check_storage(spec.search.storage_path)
+        cluster.check_target(spec.search)
+        slots = cluster.slots(spec.search)
+        # storage_path/<name>-<time>, with the spec and the tracking URI that resume reads back
+        exp_dir = new_run_dir(spec.search.storage_path, jobs.chosen_dir_name() or spec.run_name())
+        (exp_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
+        (exp_dir / TRACKING_FILE).write_text(uri)
+        q = spec.search
+        trials = f"grid over lr {q.grid_lrs}" if q.sampler == "grid" else f"{q.num_samples} trials, sampler {q.sampler}"
+        print(f"search {spec.name}: {trials}, objectives {', '.join(map(str, q.objectives))}; experiment dir "
+              f"{exp_dir} (resume with `prunetune resume {exp_dir}`)\ntracking: MLflow at {uri} (experiment "
+              f"{spec.name!r}); this machine: {measure.cpu_name()} [{measure.cpu_flags() or 'no avx2'}]", flush=True)
+        with _locked(exp_dir):
+            return _run(spec, exp_dir, uri, slots, restore=False)
 
 
-def resume(path: str | Path, address: str | None = None) -> tuple[SearchResult, Spec]:
+def resume(path: str | Path, address: str | None = None) -> SearchResult:
     """Continue an interrupted search: finished trials stay, unfinished and errored ones
     resume from their checkpoints, the searcher keeps its Optuna study, the runs their MLflow runs."""
     exp_dir, spec, uri = _open_experiment_dir(path)
     check_weights_file(spec.model)  # the trials not started yet begin from it
-    with _locked(exp_dir):
+    with _scoped.environment({**cluster.TUNE_ENV, **runs.CLIENT_ENV}), _locked(exp_dir):
         if uri:
             runs.check_reachable(uri)
         cluster.connect(address)
         cluster.check_storage(str(exp_dir.parent))
-        quiet.check_target(spec.search)
+        cluster.check_target(spec.search)
+        slots = cluster.slots(spec.search)
         print(f"resuming search {spec.name} from {exp_dir}", flush=True)
-        return _run(spec, exp_dir, uri, restore=True), spec
+        return _run(spec, exp_dir, uri, slots, restore=True)
 
 
-def _run(spec: Spec, exp_dir: Path, uri: str, restore: bool) -> SearchResult:
+def _run(spec: Spec, exp_dir: Path, uri: str, slots: int, restore: bool) -> SearchResult:
     splits = data.load(spec.data)  # once: the trials get it through the object store, registering reuses it
+    held_out = splits.test.head(spec.sweep.eval_size or len(splits.test))  # what every point was measured on
     # a restored Tuner brings back its own copy of the tracker, which logs the trials it resumes;
     # this one finds the same runs by tag and does the after-search part
     tracker = tracking.MlflowTracking(uri, spec.to_dict(), exp_dir) if uri else None
-    with tuner.latency_cache():
-        if restore:
-            grid = tuner.restore(exp_dir, spec, splits).fit()
-        else:
-            grid = tuner.create(spec, exp_dir, splits, callbacks=[tracker] if tracker else []).fit()
-    space.fail_orphans(spec, exp_dir)
-    rules = selection.rules_for(spec, splits.num_classes)
-    res = results.collect(spec, exp_dir, grid, rules)
-    if len(res.front):  # the trials' latencies are provisional: time the front quietly, recompute it
-        res = quiet.remeasure(res, spec, _held_out(spec, splits))
-        print(quiet.summary(res), flush=True)
-    results.plot_front(res, spec.search.objectives)
+    # with a searcher Tune keeps one trial pending at a time, so trials start one worker start-up
+    # after another; let as many wait as can run at once (more would be sampled blind)
+    pending = {"TUNE_MAX_PENDING_TRIALS_PG": str(slots)}
+    sampling = space.sampling(spec, exp_dir, restore)
+    print(f"search {spec.name}: own points drawn from {', '.join(sampling.methods)}"
+          f"{' (+ INT8)' if spec.sweep.int8 else ''}", flush=True)
+    with _scoped.environment({}, override=pending), tuner.latency_cache():
+        grid = (tuner.restore(exp_dir, spec, splits, sampling) if restore else
+                tuner.create(spec, exp_dir, splits, sampling, callbacks=[tracker] if tracker else [])).fit()
+    study = space.end_study(spec, exp_dir)
+    trials, points = results.collect(grid)
+    front = front_mod.for_search(points, spec.search, splits.num_classes)
+    if len(front):  # the trials' latencies are provisional: time the front quietly, the front of those figures
+        points = quiet.remeasure(front.points, front.shippable.index, front.with_points, exp_dir,
+                                 results.checkpoints(trials), spec, held_out)
+        front = front.with_points(points)
+        print(quiet.summary(front.rows), flush=True)
+    res = SearchResult(exp_dir, trials, front, grid, study, spec)
+    results.write(res)
     if tracker is not None:
-        _register(tracker, res, grid, spec, splits)
+        tracker.finish(res, splits)
     retention.apply(spec, res, tracker)  # the front is final: [search] keep_checkpoints
-    results.print_summary(res, spec)
-    if rules.budgeted and len(res.front) and "pick" not in res.aliases:
-        print(selection.closest(selection.candidates(res.points, rules), rules, res.dense_accuracy), flush=True)
+    print(results.summary(res), flush=True)
+    if front.rules.budgeted and len(front) and not front.feasible:
+        print(front_mod.closest(front.shippable, front.rules, front.dense_accuracy), flush=True)
     return res
-
-
-def _held_out(spec: Spec, splits: data.Splits) -> data.Split:
-    """The test images every deployable point was measured on (the sweep's ``eval_size`` first ones)."""
-    n = spec.sweep.eval_size or len(splits.test)
-    return splits.test.head(n)
-
-
-def _register(tracker: tracking.MlflowTracking, res: SearchResult, grid, spec: Spec, splits: data.Splits) -> bool:
-    """MLflow after the search: back-fill the trial runs an outage missed, the tables on the
-    parent run, the front's models with their aliases. If MLflow still fails, warn and return
-    False: every result stays on disk and ``prunetune resume`` logs it later."""
-    try:
-        filled = tracker.backfill(grid)
-        if filled:
-            print(f"MLflow: back-filled {len(filled)} trial run(s) missed while the server was away: "
-                  f"{', '.join(filled)}", flush=True)
-        tracker.log_search(res.files(), res.hypervolume, {ACCURACY_FLOOR: res.rules.floor,
-                                                           DENSE_ACCURACY: res.dense_accuracy})
-        if len(res.front) and spec.search.register_models:  # any number of objectives
-            aliases = registry.register_front(tracker.uri, tracker.parent_id, res.front, res.aliases,
-                                              res.checkpoints(), tracker.runs, spec, splits)
-            print(f"registered model {spec.name!r}: " + ", ".join(f"{a} -> version {v}" for a, v in aliases.items()),
-                  flush=True)
-        tracker.end()
-        print(runs.where_to_look(tracker.uri, tracker.experiment_id), flush=True)
-        return True
-    except Exception as e:
-        print(f"prunetune: warning: MLflow logging after the search failed ({type(e).__name__}: "
-              f"{runs.first_line(e)[:200]}); every result is in {res.path}. When {tracker.uri} answers again, "
-              f"`prunetune resume {res.path}` logs the missing runs, the tables and the registered models",
-              file=sys.stderr, flush=True)
-        return False
-
-
-def _new_experiment_dir(spec: Spec, uri: str) -> Path:
-    """``storage_path/<name>-<time>`` with the spec and the tracking URI that resume reads back."""
-    name = jobs.chosen_dir_name() or spec.run_name()
-    exp_dir = new_run_dir(spec.search.storage_path, name)
-    (exp_dir / SPEC_FILE).write_text(json.dumps(spec.to_dict(), indent=2))
-    (exp_dir / TRACKING_FILE).write_text(uri)
-    q = spec.search
-    trials = f"grid over lr {q.grid_lrs}" if q.sampler == "grid" else f"{q.num_samples} trials, sampler {q.sampler}"
-    print(f"search {spec.name}: {trials}, objectives {', '.join(map(str, q.objectives))}, own points drawn from "
-          f"{', '.join(space.own_methods(spec))}{' (+ INT8)' if spec.sweep.int8 else ''}; experiment dir "
-          f"{exp_dir} (resume with `prunetune resume {exp_dir}`)", flush=True)
-    print(f"tracking: MLflow at {uri} (experiment {spec.name!r}); this machine: {measure.cpu_name()} "
-          f"[{measure.cpu_flags() or 'no avx2'}]", flush=True)
-    return exp_dir
 
 
 @contextlib.contextmanager

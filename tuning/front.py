@@ -1,6 +1,9 @@
-"""Which points may be shipped, and which one to ship: the accuracy floor, the budgets, the aliases.
+"""The front of a search: which points may be shipped, which are Pareto-optimal, which one to ship.
 
-A search measures many points; users leave with one. The rules, in order:
+:func:`compute` turns every point, the :class:`Rules` and the objectives into one frozen
+:class:`Front` (its rows, the floor, the dense reference, the aliases, the hypervolume); the
+tables, the plot, the registry and the summary are all written from it. A search measures
+many points; users leave with one. The rules, in order:
 
 - **deployable**: a point that is a file: the ONNX classifier a trial built of its own point
   and of its equal-compute dense point (fine-tuned for ``[search] finetune_epochs``), measured
@@ -11,23 +14,28 @@ A search measures many points; users leave with one. The rules, in order:
 - **the budgets** (``[search] max_latency_ms``, ``max_accuracy_drop``; ``inf``: none): the
   accuracy drop is measured against the best equal-compute dense point of the search (the
   dense model given the same fine-tuning epochs), so a drop is never the extra epochs' gain.
-- **the aliases**: ``best-accuracy``, ``fastest`` and ``knee`` among the front above the floor;
-  ``pick``, the fastest point that meets both budgets (the fastest feasible point is always on
-  the front: whatever dominates it meets the budgets too).
+- **the front**: the non-dominated shippable points over every objective, in any order and any
+  number; its hypervolume is taken over two of them by role (:func:`tuning.pareto.plane`:
+  accuracy and latency, else accuracy and size) against a reference point fixed by the
+  experiment file (:func:`tuning.pareto.reference_point`), so two searches of one file compare;
+- **the aliases**, by what they mean, never by an objective's position: ``best-accuracy``,
+  ``fastest`` and ``knee`` among the front; ``pick``, the fastest point that meets both budgets
+  (the fastest feasible point is always on the front: whatever dominates it meets them too).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pandas as pd
 
+from trainables.sweep import is_dense
 from tuning import pareto
 from tuning.pareto import Objective
 
 if TYPE_CHECKING:
-    from tuning.spec import Spec
+    from tuning.spec import SearchConfig
 
 ALIASES = ("best-accuracy", "fastest", "knee", "pick")
 
@@ -45,6 +53,16 @@ class Rules:
     def budgeted(self) -> bool:
         return math.isfinite(self.max_latency_ms) or math.isfinite(self.max_accuracy_drop)
 
+    def excess(self, latency_ms: float, accuracy: float, dense_accuracy: float) -> tuple[float, float]:
+        """How far over each budget a point is (<= 0: met; -1 where there is no budget). A point
+        meets no accuracy-drop budget while there is no dense reference to measure it against."""
+        lat = latency_ms - self.max_latency_ms if math.isfinite(self.max_latency_ms) else -1.0
+        drop = -1.0
+        if math.isfinite(self.max_accuracy_drop):
+            drop = ((dense_accuracy - accuracy) - self.max_accuracy_drop - 1e-12 if math.isfinite(dense_accuracy)
+                    else 1.0)
+        return lat, drop
+
     def describe(self) -> str:
         parts = [f"floor accuracy >= {self.floor:.3f}"]
         if math.isfinite(self.max_latency_ms):
@@ -54,12 +72,59 @@ class Rules:
         return ", ".join(parts)
 
 
-def rules_for(spec: Spec, num_classes: int) -> Rules:
+def rules_for(search: SearchConfig, num_classes: int) -> Rules:
     """The rules of a search: its ``[search]`` settings, the floor resolved for ``num_classes``."""
-    q = spec.search
-    floor = q.min_accuracy if q.min_accuracy >= 0 else default_floor(num_classes)
-    return Rules(finetune_epochs=q.finetune_epochs, floor=floor, max_latency_ms=q.max_latency_ms,
-                 max_accuracy_drop=q.max_accuracy_drop)
+    floor = search.min_accuracy if search.min_accuracy >= 0 else default_floor(num_classes)
+    return Rules(finetune_epochs=search.finetune_epochs, floor=floor, max_latency_ms=search.max_latency_ms,
+                 max_accuracy_drop=search.max_accuracy_drop)
+
+
+@dataclass(frozen=True)
+class Front:
+    """A search's front, computed once (:func:`compute`); never changed in place."""
+
+    points: pd.DataFrame  # every point of every completed trial (all_points.csv)
+    rows: pd.DataFrame  # the Pareto-optimal points among the shippable ones (pareto.csv)
+    rules: Rules
+    objectives: tuple[Objective, ...]
+    dense_accuracy: float = math.nan  # of the best equal-compute dense point (the accuracy-drop reference)
+    aliases: dict[str, Any] = field(default_factory=dict)  # alias -> row (index label); "pick" if feasible
+    hypervolume: float | None = None  # over plane, from reference; None without a plane or a point
+    plane: tuple[Objective, Objective] | None = None  # the two objectives of the hypervolume and the plot
+    reference: tuple[float, ...] = ()  # the hypervolume's reference point, one value per objective
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shippable(self) -> pd.DataFrame:
+        return candidates(self.points, self.rules)
+
+    @property
+    def feasible(self) -> bool:
+        """A point meets the budgets (always, without budgets, when there is a front)."""
+        return "pick" in self.aliases
+
+    def with_points(self, points: pd.DataFrame) -> "Front":
+        """The front of ``points`` under the same rules, objectives and reference (after the
+        quiet re-measurement changed their latencies)."""
+        return compute(points, self.rules, self.objectives, self.reference)
+
+
+def for_search(points: pd.DataFrame, search: SearchConfig, num_classes: int) -> Front:
+    """The front of a search's points under its ``[search]`` rules, objectives and reference."""
+    return compute(points, rules_for(search, num_classes), search.objectives, search.hypervolume_reference)
+
+
+def compute(points: pd.DataFrame, rules: Rules, objectives: Sequence[Objective],
+            reference: Sequence[float] = ()) -> Front:
+    """The front of ``points`` (see the module docstring); ``reference``: one value per objective
+    (default :func:`tuning.pareto.reference_point`)."""
+    objectives = tuple(objectives)
+    shippable, dense = candidates(points, rules), dense_reference(points, rules)
+    found = pareto.analyse(shippable, objectives, reference)
+    aliases = _aliases(found.rows, found.knee, rules, dense) if len(found.rows) else {}
+    return Front(points, found.rows, rules, objectives, dense, aliases, found.hypervolume, found.plane, found.reference)
 
 
 def default_floor(num_classes: int) -> float:
@@ -91,16 +156,14 @@ def dense_reference(points: pd.DataFrame, rules: Rules) -> float:
     """Accuracy of the best equal-compute dense point (ratio 0, fp32, deployable); NaN if none."""
     if not len(points):
         return math.nan
-    dense = points[deployable(points, rules) & (points["ratio"] == 0.0) & ~points["int8"].astype(bool)]
+    dense = points[deployable(points, rules) & is_dense(points)]
     return float(dense["accuracy"].max()) if len(dense) else math.nan
 
 
 def feasible(points: pd.DataFrame, rules: Rules, dense_accuracy: float) -> pd.Series:
-    """Rows that meet both budgets (a NaN dense reference meets no accuracy-drop budget)."""
-    ok = points["latency_ms"] <= rules.max_latency_ms
-    if math.isfinite(rules.max_accuracy_drop):
-        ok &= (dense_accuracy - points["accuracy"]) <= rules.max_accuracy_drop + 1e-12
-    return ok
+    """Rows that meet both budgets (:meth:`Rules.excess`)."""
+    met = [max(rules.excess(lat, acc, dense_accuracy)) <= 0 for lat, acc in zip(points.latency_ms, points.accuracy)]
+    return pd.Series(met, index=points.index, dtype=bool)
 
 
 def pick(front: pd.DataFrame, objectives: list[Objective], rules: Rules, dense_accuracy: float) -> dict[str, Any]:
@@ -109,10 +172,14 @@ def pick(front: pd.DataFrame, objectives: list[Objective], rules: Rules, dense_a
     lowest latency (ties: the more accurate), ``knee`` the balanced one over every objective, and
     ``pick`` the fastest within the budgets, there only when a point meets them (always, without
     budgets: then it is the fastest)."""
+    return _aliases(front, pareto.knee(front, objectives), rules, dense_accuracy)
+
+
+def _aliases(front: pd.DataFrame, knee: Any, rules: Rules, dense_accuracy: float) -> dict[str, Any]:
     out = {
         "best-accuracy": front.sort_values(["accuracy", "latency_ms"], ascending=[False, True]).index[0],
         "fastest": front.sort_values(["latency_ms", "accuracy"], ascending=[True, False]).index[0],
-        "knee": pareto.knee(front, objectives),
+        "knee": knee,
     }
     chosen = fastest_feasible(front, rules, dense_accuracy)
     if chosen is not None:
@@ -124,21 +191,6 @@ def fastest_feasible(points: pd.DataFrame, rules: Rules, dense_accuracy: float) 
     """Index label of the fastest point (ties: the more accurate) that meets both budgets, or None."""
     ok = points[feasible(points, rules, dense_accuracy)]
     return ok.sort_values(["latency_ms", "accuracy"], ascending=[True, False]).index[0] if len(ok) else None
-
-
-def rules_from_run(params: dict[str, str], metrics: dict[str, float], max_latency_ms: float | None = None,
-                   max_accuracy_drop: float | None = None) -> Rules:
-    """The rules of a finished search from its parent run (``search.*`` params, the resolved
-    floor metric), with budgets given now taking the place of the search's."""
-    from tuning.names import ACCURACY_FLOOR
-
-    def given(value: float | None, key: str) -> float:
-        return value if value is not None else float(params.get(f"search.{key}", "inf"))
-
-    return Rules(finetune_epochs=int(params.get("search.finetune_epochs", "0")),
-                 floor=float(metrics.get(ACCURACY_FLOOR, 0.0)),
-                 max_latency_ms=given(max_latency_ms, "max_latency_ms"),
-                 max_accuracy_drop=given(max_accuracy_drop, "max_accuracy_drop"))
 
 
 def closest(points: pd.DataFrame, rules: Rules, dense_accuracy: float) -> str:

@@ -32,7 +32,7 @@ from trainables.names import DEPLOYABLE_FILE, CheckpointMeta
 from tuning.names import (CHECKPOINT_ARTIFACT, CHECKPOINT_DIR, DEPLOYABLE_ARTIFACT, EXPERIMENT_JSON, PARENT_TAG,
                           SWEEP_CSV)
 from trainables.sweep import point_key, prune_point
-from tuning import deploy, retention, selection
+from tuning import deploy, front, retention
 from tuning.spec import Spec, from_dict
 from tuning.verify import Record, Verdict, check
 
@@ -68,7 +68,7 @@ def _model_version(client, ref: str):
         return client.get_model_version_by_alias(name, alias)
     name, slash, number = name.partition("/")
     if not slash or not number.isdigit():
-        raise ModelError(f"{ref}: use models:/NAME@ALIAS (aliases: {', '.join(selection.ALIASES)}) or "
+        raise ModelError(f"{ref}: use models:/NAME@ALIAS (aliases: {', '.join(front.ALIASES)}) or "
                          "models:/NAME/VERSION")
     return client.get_model_version(name, number)
 

@@ -25,14 +25,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
 from trainables import data, measure, ort
-from trainables.errors import ClusterError
-from tuning import results, selection
-from tuning.results import LATENCY_QUIET, SearchResult
+from trainables.sweep import is_dense
+from tuning import cluster
+from tuning.results import LATENCY_QUIET
 from tuning.spec import Spec
 
 QUIET_RUNS = 100
@@ -44,16 +44,19 @@ QUIET_FILE = "quiet.json"
 _STATS = ("latency_ms", "latency_p90_ms", "latency_cv", "cpu", "cpu_flags", "threads", "latency_node_id")
 
 Job = tuple[str, str, str]  # (what: "arch" or "check", its key, the artifact file)
+FrontOf = Callable[[pd.DataFrame], Any]  # points -> their front (tuning.front.Front.with_points: its .rows)
 
 
-def remeasure(res: SearchResult, spec: Spec, test: data.Split, max_rounds: int = 4) -> SearchResult:
-    """Time the front's artifacts quietly and check them on the target (see the module docstring);
-    recompute the front."""
-    store = _load(res.path)
-    if store["latency"]:
-        res = _apply(res, spec, store)
+def remeasure(points: pd.DataFrame, shippable: pd.Index, front_of: FrontOf, exp_dir: Path,
+              checkpoints: dict[str, Path], spec: Spec, test: data.Split, max_rounds: int = 4) -> pd.DataFrame:
+    """``points`` with the quiet figures of every ``shippable`` row's architecture and the target's
+    check of every artifact on the front (see the module docstring). ``front_of`` gives the front
+    of points (it moves as latencies are re-measured); ``checkpoints``: trial id -> its dense
+    checkpoint, whose directory holds the trial's artifacts."""
+    store = _load(exp_dir)
+    points = _apply(points, store)
     for _ in range(max_rounds):
-        jobs = _jobs(res, store)
+        jobs = _jobs(points, shippable, front_of(points).rows.index, checkpoints, store)
         if not jobs:
             break
         print(f"quiet latency: timing {sum(j[0] == 'arch' for j in jobs)} architecture(s) of the front and checking "
@@ -68,21 +71,9 @@ def remeasure(res: SearchResult, spec: Spec, test: data.Split, max_rounds: int =
             break
         for part in ("latency", "checks"):
             store[part].update(found[part])
-        (res.path / QUIET_FILE).write_text(json.dumps(store, indent=1))
-        res = _apply(res, spec, store)
-    return res
-
-
-def check_target(search: Any) -> None:
-    """Before any training: a ``[search] latency_target`` must name a resource some alive node has."""
-    import ray
-
-    if search.latency_target and not _target_nodes(search.latency_target):
-        have = sorted({r for n in ray.nodes() if n["Alive"] for r in n["Resources"]
-                       if r not in ("CPU", "GPU", "memory", "object_store_memory") and not r.startswith("node:")})
-        raise ClusterError(f"[search] latency_target = {search.latency_target!r}: no node of the cluster has that "
-                           f"resource (custom resources here: {', '.join(have) or 'none'}); start the node that stands "
-                           f"for your deployment hardware with `ray start --resources '{{\"{search.latency_target}\": 1}}'`")
+        (exp_dir / QUIET_FILE).write_text(json.dumps(store, indent=1))
+        points = _apply(points, store)
+    return points
 
 
 def _load(exp_dir: Path) -> dict[str, dict[str, Any]]:
@@ -90,29 +81,29 @@ def _load(exp_dir: Path) -> dict[str, dict[str, Any]]:
     return json.loads(f.read_text()) if f.is_file() else {"latency": {}, "checks": {}}
 
 
-def _artifact(res: SearchResult, row: Any) -> Path | None:
+def _artifact(checkpoints: dict[str, Path], row: Any) -> Path | None:
     """The artifact file of a row, if its trial's checkpoint directory still holds it."""
-    ckpt = res.checkpoints().get(row.trial_id)
+    ckpt = checkpoints.get(row.trial_id)
     path = ckpt.parent / row.artifact if ckpt is not None and isinstance(row.artifact, str) else None
     return path if path is not None and path.is_file() else None
 
 
-def _jobs(res: SearchResult, store: dict[str, dict[str, Any]]) -> list[Job]:
+def _jobs(points: pd.DataFrame, shippable: pd.Index, front: pd.Index, checkpoints: dict[str, Path],
+          store: dict[str, dict[str, Any]]) -> list[Job]:
     """Each architecture of a point that may enter the front (every shippable point above the floor:
     a provisional latency timed beside training can keep a point off the front it belongs on) and
     the dense fp32 one, not yet timed, and each artifact on the front not yet checked, whose file
     still exists."""
-    points = res.points
-    dense = points[(points.ratio == 0.0) & ~points.int8.astype(bool) & points.artifact.notna()]
+    dense = points[is_dense(points) & points.artifact.notna()]
     jobs: dict[tuple[str, str], Job] = {}
-    for r in pd.concat([selection.candidates(points, res.rules), dense.iloc[:1]]).itertuples():  # the front among them
-        path = _artifact(res, r)
+    for r in pd.concat([points.loc[shippable], dense.iloc[:1]]).itertuples():  # the front among them
+        path = _artifact(checkpoints, r)
         if path is None:
             continue
         if r.arch not in store["latency"]:
             jobs.setdefault(("arch", r.arch), ("arch", r.arch, str(path)))
         key = _check_key(r)
-        if key not in store["checks"] and r.Index in res.front.index:
+        if key not in store["checks"] and r.Index in front:
             jobs.setdefault(("check", key), ("check", key, str(path)))
     return list(jobs.values())
 
@@ -121,15 +112,15 @@ def _check_key(row: Any) -> str:
     return f"{row.trial_id}/{row.artifact}"
 
 
-def _apply(res: SearchResult, spec: Spec, store: dict[str, dict[str, Any]]) -> SearchResult:
+def _apply(points: pd.DataFrame, store: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """Quiet figures into every row of a measured architecture (speed-ups against the quiet dense),
-    the target's check into every checked artifact's row; the front recomputed."""
-    points, measured = res.points, store["latency"]
+    the target's check into every checked artifact's row."""
+    points, measured = points.copy(), store["latency"]
     quiet = points.arch.isin(measured)
     for key in _STATS:
         points.loc[quiet, key] = points.arch.map(lambda a: measured.get(a, {}).get(key))[quiet]
     points.loc[quiet, "latency_source"] = LATENCY_QUIET
-    dense = points[quiet & (points.ratio == 0.0) & ~points.int8.astype(bool)]
+    dense = points[quiet & is_dense(points)]
     if len(dense):
         points.loc[quiet, "latency_speedup"] = dense.latency_ms.iloc[0] / points.loc[quiet, "latency_ms"]
     checks = {i: store["checks"][k] for i, k in ((r.Index, _check_key(r)) for r in points.itertuples())
@@ -137,14 +128,7 @@ def _apply(res: SearchResult, spec: Spec, store: dict[str, dict[str, Any]]) -> S
     for i, c in checks.items():
         points.loc[i, "target_test_accuracy"] = c["test_accuracy"]
         points.loc[i, "target_labels_match"] = c["labels"] == points.loc[i, "test_labels_sha256"]
-    return results.refresh(res, spec)
-
-
-def _target_nodes(target: str) -> list[dict]:
-    import ray
-
-    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1
-            and (not target or n["Resources"].get(target, 0) > 0)]
+    return points
 
 
 def _on_a_quiet_node(jobs: list[Job], spec: Spec, test: data.Split) -> dict[str, dict[str, Any]]:
@@ -153,12 +137,12 @@ def _on_a_quiet_node(jobs: list[Job], spec: Spec, test: data.Split) -> dict[str,
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    node = max(_target_nodes(spec.search.latency_target), key=lambda n: n["Resources"]["CPU"])
+    node = max(cluster.target_nodes(spec.search.latency_target), key=lambda n: n["Resources"]["CPU"])
     cpus = node["Resources"]["CPU"]
     task = ray.remote(time_quietly).options(
         num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
     s = spec.sweep
-    ref = task.remote(jobs, s.latency_threads, max(QUIET_RUNS, s.latency_runs), max(s.latency_warmup, 10), test.to("cpu"))
+    ref = task.remote(jobs, s.latency_threads, max(QUIET_RUNS, s.latency_runs), max(s.latency_warmup, 10), test)
     try:
         return ray.get(ref, timeout=TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
@@ -195,12 +179,11 @@ def time_quietly(jobs: list[Job], threads: int, runs: int, warmup: int, test: da
     return {"latency": stats, "checks": checks}
 
 
-def summary(res: SearchResult) -> str:
-    """How many front points have quiet latencies (their worst CV, the CPU), and any artifact whose
+def summary(front: pd.DataFrame) -> str:
+    """How many ``front`` rows have quiet latencies (their worst CV, the CPU), and any artifact whose
     accuracy on the target differs from the trial's by more than a point."""
-    if not len(res.front):
+    if not len(front):
         return "quiet latency: no front"
-    front = res.front
     quiet = front[front.latency_source == LATENCY_QUIET]
     worst = quiet.latency_cv.max() if len(quiet) else math.nan
     where = f"{quiet.cpu.iloc[0]} [{quiet.cpu_flags.iloc[0]}]" if len(quiet) else "-"

@@ -21,17 +21,21 @@ import dataclasses
 import hashlib
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from trainables import data
 from trainables.errors import ModelError
-from tuning import deploy, runs, selection
+from tuning import _scoped, deploy, front as front_mod, runs
+from tuning.front import Front
 from tuning.models import Point
 from tuning.results import LATENCY_QUIET
 from tuning.spec import Spec
 from tuning.verify import Record
+
+if TYPE_CHECKING:
+    from tuning.tracking import MlflowTracking
 
 _PARETO_COLUMNS = ("run_id", "lr", "method", "ratio", "int8", "accuracy", "test_accuracy", "latency_ms", "latency_p90_ms",
                    "latency_cv", "latency_source", "size_mb", "sparsity", "nonzero_params", "macs", "version",
@@ -48,26 +52,23 @@ def point_name(row: pd.Series) -> str:
     return f"{row.method}-r{ratio}{'-int8' if bool(row.int8) else ''}-{row.trial_id}"
 
 
-def register_front(uri: str, parent_run_id: str, front: pd.DataFrame, aliases: dict[str, Any],
-                   checkpoints: dict[str, Path], trial_runs: dict[str, str], spec: Spec,
+def register_front(tracker: MlflowTracking, front: Front, checkpoints: dict[str, Path], spec: Spec,
                    splits: data.Splits) -> dict[str, int]:
-    """Register the front (see the module docstring); ``aliases``: alias -> front row,
-    ``checkpoints``: trial id -> local dense checkpoint (its artifacts beside it), ``trial_runs``:
-    trial id -> its MLflow run. Returns alias -> version for the aliases set."""
+    """Register the front (see the module docstring) on the search's parent run (``tracker``);
+    ``checkpoints``: trial id -> local dense checkpoint (its artifacts beside it). Returns alias ->
+    version for the aliases set."""
     import mlflow
-    from mlflow import MlflowClient
 
-    front = front.drop_duplicates(["trial_id", "method", "ratio", "int8"])
-    order = list(dict.fromkeys([*aliases.values(), *front.index]))
+    aliases, trial_runs, client = front.aliases, tracker.runs, tracker.client
+    rows = front.rows.drop_duplicates(["trial_id", "method", "ratio", "int8"])
+    order = list(dict.fromkeys([*aliases.values(), *rows.index]))
     order = order[:max(spec.search.register_models, len(set(aliases.values())))]
-    client = MlflowClient(tracking_uri=uri)
-    mlflow.set_tracking_uri(uri)
     known = _registered_artifacts(client, spec.name)
     example = splits.test.x[:2].permute(0, 2, 3, 1).contiguous().numpy()  # two real test images, as uint8 NHWC
     versions: dict[Any, int] = {}
-    with mlflow.start_run(run_id=parent_run_id):
+    with _scoped.tracking_uri(tracker.uri), mlflow.start_run(run_id=tracker.parent_id):
         for idx in order:
-            row = front.loc[idx]
+            row = rows.loc[idx]
             if row.artifact_sha256 in known:  # registered by an earlier end phase of this search
                 versions[idx] = known[row.artifact_sha256]
                 continue
@@ -83,7 +84,7 @@ def register_front(uri: str, parent_run_id: str, front: pd.DataFrame, aliases: d
             client.update_model_version(spec.name, str(version), description=model_card(row, point, spec, splits))
     moved = {}
     for alias, idx in aliases.items():
-        if front.loc[idx].get("latency_source") != LATENCY_QUIET:
+        if rows.loc[idx].get("latency_source") != LATENCY_QUIET:
             print(f"registry: alias {alias!r} not moved: its point's latency is provisional (the quiet re-measurement "
                   "did not time it); `prunetune resume DIR` measures it and sets the alias", flush=True)
             continue
@@ -202,11 +203,13 @@ def answer(uri: str, experiment: str | None, max_latency_ms: float | None,
     version and aliases, the floor and budgets (the search's, or the ones given now), and the
     point they pick (``picked``). Returns (table, text to print, whether a point meets the budgets)."""
     found = runs.load_search(uri, experiment)
-    rules = selection.rules_from_run(found.parent.data.params, found.parent.data.metrics, max_latency_ms,
-                                     max_accuracy_drop)
-    dense = selection.dense_reference(found.points, rules)
+    q = found.spec.search
+    rules = front_mod.Rules(finetune_epochs=q.finetune_epochs, floor=found.floor,
+                            max_latency_ms=q.max_latency_ms if max_latency_ms is None else max_latency_ms,
+                            max_accuracy_drop=q.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop)
+    dense = front_mod.dense_reference(found.points, rules)
     table = annotate(found.front, versions(uri, found.name, found.parent.info.run_id))
-    chosen = selection.fastest_feasible(table, rules, dense) if len(table) else None
+    chosen = front_mod.fastest_feasible(table, rules, dense) if len(table) else None
     table["picked"] = table.index == chosen
     cols = [c for c in _PARETO_COLUMNS if c in table.columns]
     with pd.option_context("display.width", 240, "display.max_columns", 24, "display.precision", 4):
@@ -215,7 +218,7 @@ def answer(uri: str, experiment: str | None, max_latency_ms: float | None,
              f"{len(table)} points; {rules.describe()}; best equal-compute dense accuracy {dense:.4f}:", shown]
     lines += elsewhere(uri, found.name, found.parent.info.run_id)
     if chosen is None:
-        lines.append(selection.closest(selection.candidates(found.points, rules), rules, dense))
+        lines.append(front_mod.closest(front_mod.candidates(found.points, rules), rules, dense))
     else:
         row = table.loc[chosen]
         where = (f"registered as models:/{found.name}/{int(row.version)}" if pd.notna(row.version) else

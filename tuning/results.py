@@ -1,28 +1,23 @@
-"""What a search found: its trials, every sweep point, the Pareto front; the tables, plot and summary.
+"""What a search found: its trials, every sweep point, the front; the tables, plot and summary.
 
-After the trials end, :func:`collect` turns Ray's results into three tables, written in the
-experiment directory: ``trials.csv`` (one row per trial: status, sampled values, node, GPU,
-checkpoint), ``all_points.csv`` (every sweep point of every completed trial) and ``pareto.csv``
-(the non-dominated points over the objectives), plus the front's hypervolume.
-:func:`plot_front` draws ``pareto.png``; :func:`print_summary` is the table a user reads.
+After the trials end, :func:`collect` turns Tune's results into two tables, one row per trial and
+one per sweep point of every completed trial; :mod:`tuning.front` computes the front from the
+points. Once the front is final, :func:`write` writes them, once, in the experiment directory:
+``trials.csv`` (status, sampled values, node, GPU, checkpoint), ``all_points.csv``,
+``pareto.csv`` (the front's rows) and ``pareto.png``; :func:`summary` is the table a user reads.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from ray.tune import Result, ResultGrid
 
-from trainables.names import CHECKPOINT_FILE, ERROR, PHASE, TRAIN
+from trainables.names import CHECKPOINT_FILE, ERROR
+from tuning import report
+from tuning.front import Front
 from tuning.names import FRONT_CSV, FRONT_PNG, POINTS_CSV, TRIALS_CSV
-from trainables.sweep import table_from_report
-from tuning import pareto, selection
-from tuning.pareto import Objective
-from tuning.selection import Rules
-from tuning.spec import Spec
 
 LATENCY_TRIAL, LATENCY_QUIET = "trial", "quiet"  # latency_source: timed inside a trial, or re-measured quiet
 
@@ -30,89 +25,73 @@ LATENCY_TRIAL, LATENCY_QUIET = "trial", "quiet"  # latency_source: timed inside 
 _TRIAL_COLUMNS = ("method", "int8", "node_id", "cuda_visible_devices", "trial_start", "trial_end", ERROR)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchResult:
+    """A finished search, as :func:`tuning.search` returns it."""
+
     path: Path  # the experiment directory (what `prunetune resume` takes)
-    trials: pd.DataFrame  # one row per trained trial
-    points: pd.DataFrame  # one row per sweep point of every completed trial
-    front: pd.DataFrame  # the Pareto-optimal points among the shippable ones (selection.candidates)
-    hypervolume: float | None = None  # of the front, 2 objectives only (reference: see reference_point)
-    rules: Rules = field(default_factory=Rules)  # the floor and budgets the front and the aliases obey
-    dense_accuracy: float = math.nan  # of the best equal-compute dense point (the accuracy-drop reference)
-    aliases: dict[str, Any] = field(default_factory=dict)  # alias -> front row (index label); "pick" if feasible
+    trials: pd.DataFrame  # one row per trial
+    front: Front  # every point, the Pareto-optimal ones, the aliases, the hypervolume
+    grid: Any = None  # Ray Tune's ResultGrid
+    study: Any = None  # the Optuna study the searcher kept (None for a grid search)
+    spec: Any = None  # the experiment spec it ran (tuning.spec.Spec)
+
+    @property
+    def points(self) -> pd.DataFrame:
+        return self.front.points
 
     def files(self) -> list[Path]:
-        """The tables (and the plot, once drawn) in the experiment directory."""
+        """The tables and the plot written in the experiment directory."""
         return [f for f in (self.path / n for n in (TRIALS_CSV, POINTS_CSV, FRONT_CSV, FRONT_PNG)) if f.is_file()]
 
     def checkpoints(self) -> dict[str, Path]:
         """Trial id -> its dense checkpoint file, for the trials that have one."""
-        return {r.trial_id: Path(r.checkpoint) / CHECKPOINT_FILE
-                for r in self.trials.itertuples() if isinstance(r.checkpoint, str)}
+        return checkpoints(self.trials)
 
 
-def collect(spec: Spec, exp_dir: Path, grid: ResultGrid, rules: Rules) -> SearchResult:
-    """Trials, every sweep point and the Pareto front of a finished search; written to ``exp_dir``.
-    Latencies are the trials' own (``latency_source = trial``) until :mod:`tuning.quiet` re-measures."""
-    trials = pd.DataFrame([_trial_row(r) for r in grid])
-    tables = [t for t in (_points(r) for r in grid) if t is not None]
+def checkpoints(trials: pd.DataFrame) -> dict[str, Path]:
+    """Trial id -> its dense checkpoint file, for the trials of ``trials`` that have one."""
+    return {r.trial_id: Path(r.checkpoint) / CHECKPOINT_FILE for r in trials.itertuples() if isinstance(r.checkpoint, str)}
+
+
+def collect(grid: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Tune's results (a ``ResultGrid``) as (trials, points): one row per trial, and one per sweep
+    point of every completed trial, with its trial id and lr in front. Latencies are the trials'
+    own (``latency_source = trial``) until :mod:`tuning.quiet` re-measures."""
+    reports = [(report.last(r), r) for r in grid]
+    trials = pd.DataFrame([_trial_row(rep, r) for rep, r in reports])
+    tables = [rep.points.assign(trial_id=rep.trial_id, lr=rep.metrics.get("lr"))
+              for rep, _ in reports if rep.points is not None and not rep.error]
     points = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     if len(points):
+        points = points[["trial_id", "lr", *(c for c in points if c not in ("trial_id", "lr"))]]
         points["latency_source"] = LATENCY_TRIAL
-    trials.to_csv(exp_dir / TRIALS_CSV, index=False)
-    return refresh(SearchResult(exp_dir, trials, points, points.iloc[:0], rules=rules), spec)
+    return trials, points
 
 
-def refresh(res: SearchResult, spec: Spec) -> SearchResult:
-    """Recompute the front (over the shippable points above the floor), its hypervolume and the
-    dense reference from ``res.points``, and write ``all_points.csv`` and ``pareto.csv``."""
-    objectives = spec.search.objectives
-    shippable = selection.candidates(res.points, res.rules)
-    res.front = pareto.front(shippable, objectives) if len(shippable) else shippable
-    res.hypervolume = None
-    if len(objectives) == 2 and len(shippable):
-        res.hypervolume = pareto.hypervolume_2d(shippable, objectives, reference_point(shippable, objectives))
-    res.dense_accuracy = selection.dense_reference(res.points, res.rules)
-    res.aliases = selection.pick(res.front, objectives, res.rules, res.dense_accuracy) if len(res.front) else {}
+def _trial_row(rep: report.TrialReport, r: Any) -> dict[str, Any]:
+    m = rep.metrics
+    return {"trial_id": rep.trial_id, "lr": rep.config.get("lr"), "prune_ratio": rep.config.get("prune_ratio"),
+            "status": rep.status, "epoch": rep.epoch, "val_accuracy": m.get("val_accuracy"),
+            **{k: m.get(k) for k in _TRIAL_COLUMNS}, "checkpoint": r.checkpoint.path if r.checkpoint else None,
+            "trial_dir": r.path}
+
+
+def write(res: SearchResult) -> list[Path]:
+    """The tables and the plot of the final front, in the experiment directory; the files written."""
+    res.trials.to_csv(res.path / TRIALS_CSV, index=False)
     res.points.to_csv(res.path / POINTS_CSV, index=False)
-    res.front.to_csv(res.path / FRONT_CSV, index=False)
-    return res
+    res.front.rows.to_csv(res.path / FRONT_CSV, index=False)
+    _plot(res.front, res.path / FRONT_PNG)
+    return res.files()
 
 
-def reference_point(points: pd.DataFrame, objectives: list[Objective]) -> list[float]:
-    """The hypervolume's reference: 0 for a max objective (accuracy), 1.1 x the worst value
-    seen for a min one (latency), so every point with a nonzero max objective counts."""
-    return [0.0 if mode == "max" else 1.1 * points[name].max() for name, mode in objectives]
-
-
-def _trial_id(r: Result) -> str:
-    return (r.metrics or {}).get("trial_id", Path(r.path).name if r.path else "?")
-
-
-def _trial_row(r: Result) -> dict[str, Any]:
-    m = r.metrics or {}
-    status = "error" if r.error else {TRAIN: "stopped"}.get(m.get(PHASE), m.get(PHASE, "unknown"))
-    return {"trial_id": _trial_id(r), "lr": r.config.get("lr"),
-            "prune_ratio": r.config.get("prune_ratio"), "status": status, "epoch": m.get("epoch"),
-            "val_accuracy": m.get("val_accuracy"), **{k: m.get(k) for k in _TRIAL_COLUMNS},
-            "checkpoint": r.checkpoint.path if r.checkpoint else None, "trial_dir": r.path}
-
-
-def _points(r: Result) -> pd.DataFrame | None:
-    """A completed trial's sweep table, with its trial id and lr in front."""
-    m = r.metrics or {}
-    table = None if r.error else table_from_report(m)
-    if table is not None:
-        table.insert(0, "trial_id", _trial_id(r))
-        table.insert(1, "lr", m.get("lr"))
-    return table
-
-
-def plot_front(res: SearchResult, objectives: list[Objective]) -> Path | None:
-    """``pareto.png``: the shippable points above the floor in blue, every other point grey (the
-    no-retrain curve, points below the floor), the floor dashed, the front in red with each point
-    labelled with the recipe a user exports (lr, method, ratio, int8). Two objectives only (with
-    more, the front is in ``pareto.csv`` and the registry, not drawn).
+def _plot(front: Front, out: Path) -> Path | None:
+    """``pareto.png`` over the front's plane (:func:`tuning.pareto.plane`: accuracy up the y axis,
+    latency, else size, along x, whatever the objectives' order): the shippable points above the
+    floor in blue, every other point grey (the no-retrain curve, points below the floor), the
+    floor dashed, the front in red with each point labelled with the recipe a user exports (lr,
+    method, ratio, int8). A third objective's front is in ``pareto.csv``, not drawn.
 
     Optuna's ``plot_pareto_front`` draws a study's trials instead, and the study holds only
     the points its search space can express: a grid search has no study, and sweep points at
@@ -121,22 +100,22 @@ def plot_front(res: SearchResult, objectives: list[Objective]) -> Path | None:
     it labels no point, and its matplotlib version is experimental in Optuna 5.0. This plot
     draws exactly ``all_points.csv`` and ``pareto.csv``.
     """
-    if len(res.front) == 0 or len(objectives) != 2:
+    out.unlink(missing_ok=True)
+    if not len(front) or front.plane is None:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # accuracy up the y axis, the other objective along x, whatever the order in the experiment file
-    (y, _), (x, _) = sorted(objectives, key=lambda o: o.metric != "accuracy")
-    shippable = selection.candidates(res.points, res.rules)
+    y, x = (o.metric for o in front.plane)
+    points, shippable = front.points, front.shippable
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter(res.points[x], res.points[y], s=12, c="lightgrey", label="not shippable (no-retrain, below the floor)")
+    ax.scatter(points[x], points[y], s=12, c="lightgrey", label="not shippable (no-retrain, below the floor)")
     ax.scatter(shippable[x], shippable[y], s=16, c="tab:blue", alpha=0.6, label="shippable points")
     if y == "accuracy":
-        ax.axhline(res.rules.floor, ls="--", c="grey", lw=1, label=f"accuracy floor {res.rules.floor:.2f}")
-    f = res.front.sort_values(x)
+        ax.axhline(front.rules.floor, ls="--", c="grey", lw=1, label=f"accuracy floor {front.rules.floor:.2f}")
+    f = front.rows.sort_values(x)
     ax.plot(f[x], f[y], "o-", c="tab:red", label="Pareto front")
     for _, r in f.iterrows():
         ax.annotate(f"lr {r.lr:.2g} {r.method} {r.ratio:.2f}{' int8' if r.int8 else ''}", (r[x], r[y]),
@@ -146,27 +125,27 @@ def plot_front(res: SearchResult, objectives: list[Objective]) -> Path | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = res.path / FRONT_PNG
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
 
 
-def print_summary(res: SearchResult, spec: Spec) -> None:
+def summary(res: SearchResult) -> str:
     """Trial counts by status, the front's points, where the tables are."""
-    t = res.trials
-    print(f"\n{len(t)} trials: " + ", ".join(f"{n} {s}" for s, n in t.status.value_counts().items()))
-    if len(res.front):
-        names = [o.metric for o in spec.search.objectives]
+    t, front = res.trials, res.front
+    lines = [f"\n{len(t)} trials: " + ", ".join(f"{n} {s}" for s, n in t.status.value_counts().items())]
+    if len(front):
+        names = [o.metric for o in front.objectives]
         extra = ["test_accuracy", "accuracy_no_finetune", "latency_cv", "latency_source", "size_mb"]
-        cols = ["trial_id", "lr", "method", "ratio", "int8", *dict.fromkeys(names + extra)]
-        cols = [c for c in cols if c in res.front]
+        cols = [c for c in ["trial_id", "lr", "method", "ratio", "int8", *dict.fromkeys(names + extra)] if c in front.rows]
+        hv = ("" if front.hypervolume is None else f"; hypervolume {front.hypervolume:.4g} over "
+              f"{' x '.join(map(str, front.plane))} from {[front.reference[front.objectives.index(o)] for o in front.plane]}")
         with pd.option_context("display.width", 220, "display.max_columns", 20, "display.precision", 4):
-            print(f"Pareto front ({', '.join(map(str, spec.search.objectives))}) of {len(res.front)} points among "
-                  f"{len(res.points)}; {res.rules.describe()}; best equal-compute dense accuracy "
-                  f"{res.dense_accuracy:.4f}:")
-            print(res.front[cols].to_string(index=False))
+            lines += [f"Pareto front ({', '.join(map(str, front.objectives))}) of {len(front)} points among "
+                      f"{len(res.points)}; {front.rules.describe()}; best equal-compute dense accuracy "
+                      f"{front.dense_accuracy:.4f}{hv}:", front.rows[cols].to_string(index=False)]
     else:
-        print("no shippable point above the floor: no Pareto front" if len(res.points) else
-              "no completed trial: no Pareto front")
-    print(f"results: {res.path} ({TRIALS_CSV}, {POINTS_CSV}, {FRONT_CSV})")
+        lines.append("no shippable point above the floor: no Pareto front" if len(res.points) else
+                     "no completed trial: no Pareto front")
+    lines.append(f"results: {res.path} ({TRIALS_CSV}, {POINTS_CSV}, {FRONT_CSV})")
+    return "\n".join(lines)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from trainables.names import CHECKPOINT_FILE, DIVERGED, DONE
-from tuning.names import CHECKPOINT_DIR, CHECKPOINT_TAG, KEPT, KIND_TAG, REMOVED, STATUS_TAG, TRIAL
+from tuning.names import CHECKPOINT_DIR, CHECKPOINT_TAG, KIND_TAG, REMOVED, STATUS_TAG, TRIAL
 from tuning import runs
 
 if TYPE_CHECKING:
@@ -64,14 +64,15 @@ def apply(spec: Spec, res: SearchResult, tracker: MlflowTracking | None) -> Plan
     """Apply ``[search] keep_checkpoints`` to a finished search (see the module docstring);
     returns what was done, None when it waits for MLflow."""
     keep = spec.search.keep_checkpoints
-    todo = plan(res.trials, res.front, keep)
+    todo = plan(res.trials, res.front.rows, keep)
     if tracker is not None:
         try:
-            if tracker.client.get_run(tracker.parent_id).info.status != "FINISHED":
+            if not tracker.ended():
                 print("checkpoints: every trial's kept until MLflow holds the search's front; `prunetune resume "
                       f"{res.path}` applies keep_checkpoints = {keep!r} then", flush=True)
                 return None
-            _mirror(tracker, todo, res)
+            checkpoints = res.checkpoints()
+            tracker.file_checkpoints({t: checkpoints[t].parent for t in todo.log}, todo.remove)
         except Exception as e:
             print(f"prunetune: warning: checkpoints not logged to MLflow ({type(e).__name__}: "
                   f"{runs.first_line(e)[:200]}); none removed. `prunetune resume {res.path}` tries again",
@@ -86,21 +87,6 @@ def apply(spec: Spec, res: SearchResult, tracker: MlflowTracking | None) -> Plan
           f"({'every finished trial' if keep == 'all' else 'the trials with a point on the Pareto front'}), "
           f"{len(todo.remove)} removed from storage ({freed / 1e6:.0f} MB); {other}", flush=True)
     return todo
-
-
-def _mirror(tracker: MlflowTracking, todo: Plan, res: SearchResult) -> None:
-    """The kept checkpoints as artifacts of their trial runs (``checkpoint/``: every file of the
-    trial's checkpoint directory), the removed ones as a tag; runs already tagged are skipped
-    (a resumed search applies the setting again)."""
-    children = runs.child_runs(tracker.client, tracker.experiment_id, tracker.parent_id)
-    checkpoints = res.checkpoints()
-    for trial_id, state in [*((t, KEPT) for t in todo.log), *((t, REMOVED) for t in todo.remove)]:
-        run = children.get(trial_id)
-        if run is None or run.data.tags.get(CHECKPOINT_TAG) == state:
-            continue
-        if state == KEPT:  # the whole checkpoint directory: the dense weights and what the trial saved beside them
-            tracker.client.log_artifacts(run.info.run_id, str(checkpoints[trial_id].parent), CHECKPOINT_DIR)
-        tracker.client.set_tag(run.info.run_id, CHECKPOINT_TAG, state)
 
 
 def _remove(trial_dir: Path) -> int:

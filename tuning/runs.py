@@ -7,6 +7,7 @@ search, the back-fill, ``prunetune pareto``) finds its runs here.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,13 +21,18 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from trainables.errors import NotFound, TrackingError
-from tuning.names import FRONT_CSV, KIND_TAG, PARENT_TAG, POINTS_CSV, SEARCH, SEARCH_DIR_TAG, TRIAL_ID_TAG
+from tuning.names import (ACCURACY_FLOOR, EXPERIMENT_JSON, FRONT_CSV, KIND_TAG, PARENT_TAG, POINTS_CSV, SEARCH,
+                          SEARCH_DIR_TAG, TRIAL_ID_TAG)
+from tuning.spec import Spec, from_dict
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# MLflow's client, while a search runs (unless the caller set them): a server that went away is
+# a warning and a back-fill later (tuning.tracking), not minutes of retries that stall the trials
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 # what MLflow's client sends to a server with authentication (basic auth, or a bearer token);
 # read from the environment, never from a URI, never printed
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -52,13 +58,14 @@ def tracking_uri(uri: str | None = None) -> str:
 
 def check_reachable(uri: str) -> MlflowClient:
     """Return an MlflowClient for ``uri`` after one real request; fail fast and clearly."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow import MlflowClient
+
+    from tuning import _scoped
 
     client = MlflowClient(tracking_uri=uri)
     try:
-        client.search_experiments(max_results=1)
+        with _scoped.environment(CLIENT_ENV):
+            client.search_experiments(max_results=1)
     except Exception as e:  # connection refused, bad scheme, unreadable database, ...
         if _http_status(e) in (401, 403):
             raise TrackingError(_refused(uri, _http_status(e))) from None
@@ -133,6 +140,8 @@ class FinishedSearch:
     name: str  # its experiment, and the registered model's name
     points: pd.DataFrame  # all_points.csv: every point of every trial
     front: pd.DataFrame  # pareto.csv
+    spec: Spec  # the experiment it ran, as logged (experiment.json)
+    floor: float  # the accuracy floor its front obeys, as resolved for its classes
 
 
 def load_search(uri: str, experiment: str | None = None) -> FinishedSearch:
@@ -142,7 +151,11 @@ def load_search(uri: str, experiment: str | None = None) -> FinishedSearch:
     parent = latest_search(client, experiment)
     run_of = _run_ids(client, parent)
     points, front = (_table(client, parent, name, run_of) for name in (POINTS_CSV, FRONT_CSV))
-    return FinishedSearch(parent, client.get_experiment(parent.info.experiment_id).name, points, front)
+    with tempfile.TemporaryDirectory(prefix="prunetune-") as where:
+        logged = client.download_artifacts(parent.info.run_id, EXPERIMENT_JSON, where)
+        spec = from_dict(json.loads(Path(logged).read_text()), source=f"run {parent.info.run_id}: {EXPERIMENT_JSON}")
+    return FinishedSearch(parent, client.get_experiment(parent.info.experiment_id).name, points, front, spec,
+                          parent.data.metrics.get(ACCURACY_FLOOR, 0.0))
 
 
 def _run_ids(client: MlflowClient, parent: Run) -> dict[str, str]:
@@ -185,3 +198,23 @@ def serve_ui(uri: str, host: str, port: int) -> int:
     print(f"MLflow UI for {uri} at http://{host}:{port} (Ctrl-C stops it); a search's runs: "
           f"{ui_address(f'http://{host}:{port}', '<experiment id>')}", flush=True)
     return subprocess.call([mlflow_bin, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)])
+
+
+def provenance() -> dict[str, str]:
+    """What a search ran with, as its parent run's tags: the git commit of this checkout and the
+    versions of the packages that decide its numbers."""
+    from importlib import metadata
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        commit = out.stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    tags = {"git_commit": commit}
+    for package in ("torch", "ray", "optuna", "mlflow", "torch-pruning"):
+        try:
+            tags[f"version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            tags[f"version.{package}"] = "absent"
+    return tags

@@ -9,12 +9,13 @@
   completes, every other point of its sweep is added to the study as a completed trial with
   its own (lr, prune_ratio[, method, int8]) and objective values (:func:`sweep_evidence`): one
   training gives the sampler a whole curve of evidence, not one point.
-- :func:`tune_search`: what Tune gets from all this; ``sampler = "grid"`` runs ``grid_lrs``
+- :func:`sampling`: what Tune gets from all this; ``sampler = "grid"`` runs ``grid_lrs``
   with no searcher instead.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ import pandas as pd
 from ray.tune.search.optuna import OptunaSearch
 
 from trainables import compress
+from tuning import report
+from tuning.front import Rules
 from tuning.names import STUDY_FILE
-from trainables.sweep import table_from_report
 from tuning.pareto import Objective
+from tuning.report import TrialReport
 from tuning.spec import Spec
 
 Space = dict[str, optuna.distributions.BaseDistribution]
@@ -63,27 +66,25 @@ def optuna_space(spec: Spec) -> Space:
 
 
 class Budgets:
-    """Optuna's ``constraints_func`` for ``[search] max_latency_ms`` / ``max_accuracy_drop``: values
-    <= 0 are met. Optuna calls it while a result is being told, before the trial holds its values,
-    so the searcher hands it that result (:attr:`current`); the accuracy drop is against the best
-    equal-compute dense accuracy seen so far (each trial reports its own)."""
+    """Optuna's ``constraints_func`` for the search's budgets (:meth:`tuning.front.Rules.excess`,
+    the test the front's ``pick`` makes): values <= 0 are met. Optuna calls it while a result is
+    being told, before the trial holds its values, so the searcher hands it that report
+    (:attr:`current`); the accuracy drop is against the best equal-compute dense accuracy seen so
+    far (each trial reports its own)."""
 
-    def __init__(self, max_latency_ms: float, max_accuracy_drop: float) -> None:
-        self.max_latency_ms, self.max_accuracy_drop = max_latency_ms, max_accuracy_drop
+    def __init__(self, rules: Rules) -> None:
+        self.rules = rules
         self.dense_accuracy = -math.inf
-        self.current: dict[str, Any] | None = None
+        self.current: TrialReport | None = None
 
     def values(self, latency_ms: float, accuracy: float) -> tuple[float, float]:
-        lat = latency_ms - self.max_latency_ms if math.isfinite(self.max_latency_ms) else -1.0
-        drop = ((self.dense_accuracy - accuracy) - self.max_accuracy_drop
-                if math.isfinite(self.max_accuracy_drop) and math.isfinite(self.dense_accuracy) else -1.0)
-        return lat, drop
+        return self.rules.excess(latency_ms, accuracy, self.dense_accuracy)
 
     def __call__(self, trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
-        r = self.current
-        if not r or r.get("latency_ms") is None or r.get("accuracy") is None:
+        found = self.current.values(["latency_ms", "accuracy"]) if self.current else None
+        if found is None:
             return 1.0, 1.0  # a pruned (diverged) trial meets nothing
-        return self.values(r["latency_ms"], r["accuracy"])
+        return self.values(*found)
 
 
 def make_sampler(spec: Spec, budgets: Budgets | None = None) -> optuna.samplers.BaseSampler:
@@ -106,25 +107,25 @@ class SweepFeedbackSearch(OptunaSearch):
                  study_name: str, storage: optuna.storages.BaseStorage, feedback: bool = True,
                  budgets: Budgets | None = None, curve: bool = False) -> None:
         metrics = [o.metric for o in objectives]
-        super().__init__(space=space, metric=metrics, mode=[o.mode for o in objectives], sampler=sampler,
+        super().__init__(space=space, metric=metrics, mode=[o.direction for o in objectives], sampler=sampler,
                          study_name=study_name, storage=storage)
         self.space, self.metrics, self.feedback, self.budgets, self.curve = space, metrics, feedback, budgets, curve
         self.study = optuna.load_study(study_name=study_name, storage=storage)  # the one Ray just made
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if result and any(result.get(m) is None for m in self.metrics):
+        done = report.of(result) if result else None
+        if done is not None and done.values(self.metrics) is None:
             # diverged or early-stopped: no objectives, so Optuna records it as pruned (Ray's
             # OptunaSearch would try to tell [None, None] as COMPLETE and leave it RUNNING)
-            result = None
+            result = done = None
         if self.budgets is not None:
-            if result and result.get("dense_accuracy") is not None:
-                self.budgets.dense_accuracy = max(self.budgets.dense_accuracy, result["dense_accuracy"])
-            self.budgets.current = result
+            if done is not None and done.metrics.get("dense_accuracy") is not None:
+                self.budgets.dense_accuracy = max(self.budgets.dense_accuracy, done.metrics["dense_accuracy"])
+            self.budgets.current = done
         super().on_trial_complete(trial_id, result, error)
-        table = table_from_report(result) if self.feedback and result else None
-        if table is None:
+        if not self.feedback or done is None or done.points is None:
             return
-        for params, values, row in sweep_evidence(table, result, self.space, self.metrics, self.curve):
+        for params, values, row in sweep_evidence(done.points, done.metrics, self.space, self.metrics, self.curve):
             attrs = {}
             if self.budgets is not None:
                 attrs[_CONSTRAINTS_KEY] = self.budgets.values(row["latency_ms"], row["accuracy"])
@@ -167,37 +168,46 @@ def sweep_evidence(table: pd.DataFrame, trial: dict[str, Any], space: Space, met
     return out
 
 
-def fail_orphans(spec: Spec, exp_dir: Path) -> int:
-    """Once every trial has ended: a study trial still RUNNING was asked for by a driver that died
-    before Tune recorded its trial (the resumed search went on without it). Tell it FAIL, so the
-    study says what happened; returns how many."""
+def end_study(spec: Spec, exp_dir: Path) -> optuna.Study | None:
+    """The search's Optuna study once every trial has ended (None for a grid search). A study trial
+    still RUNNING was asked for by a driver that died before Tune recorded its trial (the resumed
+    search went on without it): it is told FAIL, so the study says what happened."""
     storage = exp_dir / STUDY_FILE
     if spec.search.sampler == "grid" or not storage.is_file():
-        return 0
+        return None
     study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{storage}")
-    orphans = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING])
-    for t in orphans:
+    for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-    return len(orphans)
+    return study
 
 
 def make_searcher(spec: Spec, exp_dir: Path) -> SweepFeedbackSearch:
     """The searcher of a new search, its study in ``exp_dir``."""
     q = spec.search
     storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / STUDY_FILE}")
-    budgets = Budgets(q.max_latency_ms, q.max_accuracy_drop)
-    if not (math.isfinite(q.max_latency_ms) or math.isfinite(q.max_accuracy_drop)):
-        budgets = None
+    rules = Rules(max_latency_ms=q.max_latency_ms, max_accuracy_drop=q.max_accuracy_drop)
+    budgets = Budgets(rules) if rules.budgeted else None
     return SweepFeedbackSearch(optuna_space(spec), q.objectives, make_sampler(spec, budgets), study_name=spec.name,
                                storage=storage, feedback=q.sweep_feedback, budgets=budgets, curve=q.feedback_curve)
 
 
-def tune_search(spec: Spec, exp_dir: Path) -> tuple[dict[str, Any], SweepFeedbackSearch | None, int]:
-    """Tune's ``(param_space, search_alg, num_samples)``: Optuna sampling ``num_samples``
-    trials, or with ``sampler = "grid"`` one trial per ``grid_lrs`` value and no searcher."""
+@dataclass(frozen=True)
+class Sampling:
+    """What Tune gets from the search space (:func:`sampling`)."""
+
+    param_space: dict[str, Any]  # Tune's (a grid search's lrs; empty with a searcher)
+    searcher: SweepFeedbackSearch | None  # None: a grid search, or a restored one (Tune restores its own)
+    num_samples: int
+    columns: list[str]  # what is sampled, for the progress table (method only when there is a choice)
+    methods: list[str]  # what the trials' own points are drawn from (own_methods); the first when not sampled
+
+
+def sampling(spec: Spec, exp_dir: Path, restore: bool = False) -> Sampling:
+    """Optuna sampling ``num_samples`` trials, its study in ``exp_dir``, or with ``sampler = "grid"``
+    one trial per ``grid_lrs`` value and no searcher."""
     from ray import tune
 
-    q = spec.search
+    q, columns, methods = spec.search, list(optuna_space(spec)), own_methods(spec)
     if q.sampler == "grid":
-        return {"lr": tune.grid_search(q.grid_lrs), "prune_ratio": q.ratio_min}, None, 1
-    return {}, make_searcher(spec, exp_dir), q.num_samples
+        return Sampling({"lr": tune.grid_search(q.grid_lrs), "prune_ratio": q.ratio_min}, None, 1, columns, methods)
+    return Sampling({}, None if restore else make_searcher(spec, exp_dir), q.num_samples, columns, methods)

@@ -1,47 +1,47 @@
-"""MLflow mirror of a search's trials, from the driver: a parent run per search, a child run per trial.
+"""Every MLflow write of a search, from the driver: a parent run per search, a child run per trial.
 
-Everything is logged by a Ray Tune :class:`~ray.tune.Callback` on the driver, so trials never
-talk to the tracking server (a worker node needs no route to it) and a resumed search finds
-its runs again by tag (:mod:`tuning.runs`) instead of creating duplicates:
+While the search runs, a Ray Tune :class:`~ray.tune.Callback` mirrors the trials, so trials never
+talk to the tracking server (a worker node needs no route to it); a resumed search finds its
+runs again by tag (:mod:`tuning.runs`) instead of creating duplicates:
 
-- parent run (tag ``prunetune.search_dir``): the experiment file and search settings as params,
-  package versions and git commit as tags; after the search the driver adds the tables, the
-  plot and the front's hypervolume (:meth:`MlflowTracking.log_search`) and ends it;
+- parent run (tag ``prunetune.search_dir``): the experiment file and settings as params, package
+  versions and git commit as tags; after the search (:meth:`MlflowTracking.finish`) the tables,
+  the plot, the front's hypervolume and the registered models (:mod:`tuning.registry`);
 - child run per trial (tags ``mlflow.parentRunId`` so the UI nests it, ``prunetune.trial_id``):
   the sampled config as params, ``val_accuracy``/``train_loss``/``images_per_second`` with
   ``step = epoch``; when the trial completes, its objectives, its sweep as ``sweep.csv`` and as
-  metrics ``sweep_<metric>/<method>`` (accuracy, latency_ms, size_mb) with ``step = ratio x 100``
-  so the UI's charts draw accuracy-vs-ratio and latency-vs-ratio curves per trial; a diverged
-  trial is tagged ``prunetune.status = diverged`` and ends FAILED. Dense checkpoints are not
-  logged here: once the front is final, :mod:`tuning.retention` logs the ones it keeps.
+  metrics ``sweep_<metric>/<method>`` with ``step = ratio x 100`` (the UI draws them as curves);
+  a diverged trial is tagged ``prunetune.status = diverged`` and ends FAILED. Once the front is
+  final, the checkpoints :mod:`tuning.retention` keeps (:meth:`MlflowTracking.file_checkpoints`).
 
-It knows nothing of models, plots or data: it mirrors what trials report. If the tracking
-server goes away mid-search, logging warns and training goes on: Ray keeps every reported
-result. A trial's run ends only once every one of its results reached MLflow, so after the
-search (and on ``prunetune resume``, which is how a search that ended while MLflow was down
-catches up) :meth:`MlflowTracking.backfill` logs every trial whose run is missing or has not
-ended from the results Ray kept. Nothing is retried in a loop; nothing is lost.
+If the tracking server goes away mid-search, logging warns and training goes on: Ray keeps
+every reported result. A trial's run ends only once every one of its results reached MLflow, so
+after the search (and on ``prunetune resume``) :meth:`MlflowTracking.backfill` logs every trial
+whose run is missing or has not ended from the results Ray kept. Nothing is retried in a loop.
 """
 from __future__ import annotations
 
 import functools
 import json
 import math
-import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from mlflow.entities import Metric, Param
 from ray.tune import Callback, ResultGrid
 
-from trainables.names import DIVERGED, DONE, EPOCH_METRICS, ERROR, PHASE, POINT_METRICS, TRAIN
-from tuning.names import (CURVE_METRICS, ERROR_TAG, EXPERIMENT_JSON, EXPERIMENT_TAGS, HYPERVOLUME, KIND_TAG,
-                          PARENT_TAG, SEARCH, SEARCH_DIR_TAG, LOST, STATUS_TAG, SWEEP_CSV, TRIAL, TRIAL_ID_TAG)
-from trainables.sweep import table_from_report
-from tuning import runs
+from trainables.names import DIVERGED, DONE, EPOCH_METRICS, POINT_METRICS, TRAIN
+from tuning.names import (ACCURACY_FLOOR, CHECKPOINT_DIR, CHECKPOINT_TAG, CURVE_METRICS, DENSE_ACCURACY, ERROR_TAG,
+                          EXPERIMENT_JSON, EXPERIMENT_TAGS, HYPERVOLUME, KEPT, KIND_TAG, LOST, PARENT_TAG, REMOVED,
+                          SEARCH, SEARCH_DIR_TAG, STATUS_TAG, SWEEP_CSV, TRIAL, TRIAL_ID_TAG)
+from tuning import registry, report, runs
+from tuning.report import TrialReport
+
+if TYPE_CHECKING:
+    from trainables.data import Splits
+    from tuning.results import SearchResult
 
 _ENDED = ("FINISHED", "FAILED")
 _BATCH = 900  # metrics per log_batch call (MLflow's limit is 1000)
@@ -107,38 +107,37 @@ class MlflowTracking(Callback):
 
     @_never_stop_the_search
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self.log_result(trial.trial_id, trial.config, result)
+        self.log_result(report.of({**result, "trial_id": trial.trial_id}, trial.config))
 
     @_never_stop_the_search
     def on_trial_complete(self, iteration, trials, trial, **info) -> bool:
-        return self.end_trial(trial.trial_id, trial.config, trial.last_result)
+        return self.end_trial(report.of({**trial.last_result, "trial_id": trial.trial_id}, trial.config))
 
     @_never_stop_the_search
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.fail_trial(trial.trial_id, trial.config)
 
     # --------------------------------------------------------------- one trial, as plain data
-    def log_result(self, trial_id: str, config: dict[str, Any], result: dict[str, Any]) -> None:
+    def log_result(self, rep: TrialReport) -> None:
         """One report of a trial: its epoch metrics (``step`` = epoch), or its end."""
-        rid = self._child(trial_id, config)
-        ts = int(result.get("timestamp", 0) * 1000)
-        phase = result.get(PHASE)
-        if phase == TRAIN:
-            step = int(result["epoch"])
-            self._log_metrics(rid, [Metric(k, float(result[k]), ts, step) for k in EPOCH_METRICS if k in result])
-        elif phase == DIVERGED:
+        rid = self._child(rep.trial_id, rep.config)
+        if rep.phase == TRAIN:
+            self._log_metrics(rid, [Metric(k, float(rep.metrics[k]), rep.timestamp_ms, rep.epoch)
+                                    for k in EPOCH_METRICS if k in rep.metrics])
+        elif rep.phase == DIVERGED:
             self.client.set_tag(rid, STATUS_TAG, DIVERGED)
-            self.client.set_tag(rid, ERROR_TAG, str(result.get(ERROR, ""))[:5000])
-        elif phase == DONE:
-            self._log_done(rid, result, ts)
+            self.client.set_tag(rid, ERROR_TAG, str(rep.error or "")[:5000])
+        elif rep.phase == DONE:
+            self._log_done(rid, rep)
 
-    def end_trial(self, trial_id: str, config: dict[str, Any], last_result: dict[str, Any]) -> bool:
-        """A trial that completed: the run ends FINISHED (FAILED if it diverged). A trial that
-        missed a result keeps its run open for the back-fill: nothing is sent (returns False)."""
-        if trial_id in self.missed:
+    def end_trial(self, last: TrialReport) -> bool:
+        """A trial that completed (``last``: its last report): the run ends FINISHED (FAILED if it
+        diverged). A trial that missed a result keeps its run open for the back-fill: nothing is
+        sent (returns False)."""
+        if last.trial_id in self.missed:
             return False
-        rid = self._child(trial_id, config)
-        self._end(trial_id, rid, "FAILED" if last_result.get(PHASE) == DIVERGED else "FINISHED")
+        rid = self._child(last.trial_id, last.config)
+        self._end(last.trial_id, rid, "FAILED" if last.phase == DIVERGED else "FINISHED")
         return True
 
     def fail_trial(self, trial_id: str, config: dict[str, Any]) -> None:
@@ -159,18 +158,18 @@ class MlflowTracking(Callback):
         ended = self._refresh_runs()
         done, known = [], set()
         for result in grid:
-            reports = _reports(result)
-            known.update(r["trial_id"] for r in reports[-1:])
-            if not reports or reports[-1]["trial_id"] in ended:
+            reports = report.history(result)
+            known.update(r.trial_id for r in reports[-1:])
+            if not reports or reports[-1].trial_id in ended:
                 continue
-            trial_id = reports[-1]["trial_id"]
-            for report in reports:
-                self.log_result(trial_id, result.config, report)
+            trial_id = reports[-1].trial_id
+            for rep in reports:
+                self.log_result(rep)
             self.missed.discard(trial_id)
             if result.error:
                 self.fail_trial(trial_id, result.config)
             else:
-                self.end_trial(trial_id, result.config, reports[-1])
+                self.end_trial(reports[-1])
             done.append(trial_id)
         for trial_id in sorted(set(self.runs) - known - ended):
             self.client.set_tag(self.runs[trial_id], STATUS_TAG, LOST)
@@ -190,9 +189,53 @@ class MlflowTracking(Callback):
             if math.isfinite(value):
                 self.client.log_metric(self.parent_id, key, value)
 
+    def finish(self, res: SearchResult, splits: Splits) -> bool:
+        """MLflow after the search: back-fill the trial runs an outage missed, the tables on the
+        parent run, the front's models with their aliases (:mod:`tuning.registry`), the parent run
+        ended. If MLflow still fails, warn and return False: every result stays on disk and
+        ``prunetune resume`` logs it later."""
+        spec, front = res.spec, res.front
+        try:
+            filled = self.backfill(res.grid)
+            if filled:
+                print(f"MLflow: back-filled {len(filled)} trial run(s) missed while the server was away: "
+                      f"{', '.join(filled)}", flush=True)
+            self.log_search(res.files(), front.hypervolume, {ACCURACY_FLOOR: front.rules.floor,
+                                                             DENSE_ACCURACY: front.dense_accuracy})
+            if len(front) and spec.search.register_models:  # any number of objectives
+                aliases = registry.register_front(self, front, res.checkpoints(), spec, splits)
+                print(f"registered model {spec.name!r}: " + ", ".join(f"{a} -> version {v}" for a, v in aliases.items()),
+                      flush=True)
+            self.end()
+            print(runs.where_to_look(self.uri, self.experiment_id), flush=True)
+            return True
+        except Exception as e:
+            print(f"prunetune: warning: MLflow logging after the search failed ({type(e).__name__}: "
+                  f"{runs.first_line(e)[:200]}); every result is in {res.path}. When {self.uri} answers again, "
+                  f"`prunetune resume {res.path}` logs the missing runs, the tables and the registered models",
+                  file=sys.stderr, flush=True)
+            return False
+
     def end(self) -> None:
         """The search is over: its parent run ends FINISHED."""
         self.client.set_terminated(self.parent_id, "FINISHED")
+
+    def ended(self) -> bool:
+        """The parent run is FINISHED: MLflow holds the search's tables, front and registered models."""
+        return self.client.get_run(self.parent_id).info.status == "FINISHED"
+
+    def file_checkpoints(self, kept: dict[str, Path], removed: list[str]) -> None:
+        """``kept`` (trial id -> its checkpoint directory) as artifacts of the trial runs
+        (``checkpoint/``: every file of it, the dense weights and what the trial saved beside them),
+        ``removed`` as a tag; runs already tagged are skipped (a resumed search applies it again)."""
+        children = runs.child_runs(self.client, self.experiment_id, self.parent_id)
+        for trial_id, state in [*((t, KEPT) for t in kept), *((t, REMOVED) for t in removed)]:
+            run = children.get(trial_id)
+            if run is None or run.data.tags.get(CHECKPOINT_TAG) == state:
+                continue
+            if state == KEPT:
+                self.client.log_artifacts(run.info.run_id, str(kept[trial_id]), CHECKPOINT_DIR)
+            self.client.set_tag(run.info.run_id, CHECKPOINT_TAG, state)
 
     # --------------------------------------------------------------- runs
     def _find_or_create_parent(self) -> str:
@@ -201,12 +244,11 @@ class MlflowTracking(Callback):
             self.client.update_run(found.info.run_id, status="RUNNING")
             return found.info.run_id
         run = self.client.create_run(self.experiment_id, run_name=Path(self.exp_dir).name, tags={
-            SEARCH_DIR_TAG: self.exp_dir, KIND_TAG: SEARCH, "git_commit": _git_commit(),
-            **{f"version.{p}": _version(p) for p in ("torch", "ray", "optuna", "mlflow", "torch-pruning")},
+            SEARCH_DIR_TAG: self.exp_dir, KIND_TAG: SEARCH, **runs.provenance(),
         })
         rid = run.info.run_id
-        params = {**_flat("search", self.spec["search"]), **_flat("sweep", self.spec["sweep"]),
-                  **_flat("train", self.spec["train"]), **_flat("data", self.spec["data"])}
+        params = {f"{section}.{k}": json.dumps(v) if isinstance(v, list) else str(v)
+                  for section in ("search", "sweep", "train", "data") for k, v in self.spec[section].items()}
         self.client.log_batch(rid, params=[Param(k, v[:6000]) for k, v in params.items()])
         self.client.log_text(rid, json.dumps(self.spec, indent=2), EXPERIMENT_JSON)
         return rid
@@ -231,11 +273,12 @@ class MlflowTracking(Callback):
         if trial_id not in self.missed:  # else it stays open for the back-fill
             self.client.set_terminated(rid, status)
 
-    def _log_done(self, rid: str, result: dict[str, Any], ts: int) -> None:
+    def _log_done(self, rid: str, rep: TrialReport) -> None:
         """The trial's objectives at its own point, and its sweep as curves and as ``sweep.csv``."""
         self.client.set_tag(rid, STATUS_TAG, DONE)
-        metrics = [Metric(k, float(result[k]), ts, 0) for k in POINT_METRICS if result.get(k) is not None]
-        sweep = table_from_report(result)
+        ts = rep.timestamp_ms
+        metrics = [Metric(k, float(rep.metrics[k]), ts, 0) for k in POINT_METRICS if rep.metrics.get(k) is not None]
+        sweep = rep.points
         keyed = sweep if "finetune_epochs" in sweep else sweep.assign(finetune_epochs=0)
         for (method, int8, tuned), rows in keyed.groupby(["method", "int8", "finetune_epochs"]):
             suffix = f"{method}{'_int8' if int8 else ''}{f'_ft{tuned}' if tuned else ''}"  # fine-tuned points apart
@@ -249,33 +292,3 @@ class MlflowTracking(Callback):
     def _log_metrics(self, rid: str, metrics: list[Metric]) -> None:
         for i in range(0, len(metrics), _BATCH):
             self.client.log_batch(rid, metrics=metrics[i : i + _BATCH])
-
-
-def _reports(result: Any) -> list[dict[str, Any]]:
-    """Every report of a trial, in order, as Ray kept them (``Result.metrics_dataframe``, read
-    from the trial's ``result.json``); the keys a report did not have are left out."""
-    df = result.metrics_dataframe
-    if df is None or df.empty:
-        return []
-    return [{k: v for k, v in row.items() if not (v is None or isinstance(v, float) and math.isnan(v))}
-            for row in df.to_dict("records")]
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _flat(prefix: str, d: dict[str, Any]) -> dict[str, str]:
-    return {f"{prefix}.{k}": json.dumps(v) if isinstance(v, list) else str(v) for k, v in d.items()}
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
