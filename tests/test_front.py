@@ -163,4 +163,24 @@ def test_the_budgets_of_the_searcher_and_of_the_front_are_one_test():
     df = points([(0.88, 4.0, 0.3, False, 2), (0.80, 3.0, 0.5, False, 2), (0.9, 6.0, 0.0, False, 2)])
     met = front_mod.feasible(df, rules, 0.9)
     assert list(met) == [True, False, False]
-    assert [max(budgets.values(r.latency_ms, r.accuracy)) <= 0 for r in df.itertuples()] == list(met)
+    assert [max(budgets.values(r)) <= 0 for r in df.to_dict("records")] == list(met)
+
+
+def test_a_limit_on_any_metric_is_a_budget_the_pick_obeys():
+    """``[search] limits``: budgets on any point metric, in the front's pick, the searcher's
+    constraints and the explanation when nothing meets them."""
+    df = _random_points()
+    size = front_mod.Limit.parse("size_mb<=10")
+    assert (size.metric, size.bound, size.upper, str(size)) == ("size_mb", 10.0, True, "size_mb<=10")
+    f = front_mod.compute(df, Rules(limits=(size,)), OBJECTIVES)
+    within = df[df.size_mb <= 10]
+    want = within.sort_values(["latency_ms", "accuracy"], ascending=[True, False]).index[0]
+    assert f.rules.budgeted and f.aliases["pick"] == want  # the fastest within the limit, on the front
+    assert "size_mb<=10" in f.rules.describe()
+    none = Rules(limits=(front_mod.Limit.parse("size_mb<=0.5"),))
+    assert not front_mod.compute(df, none, OBJECTIVES).feasible
+    assert "no point is within the limits (size_mb<=0.5)" in front_mod.closest(df, none, 0.9)
+    assert front_mod.Limit.parse("throughput_ips>=100").excess(None) > 0  # not measured: not met
+    for bad in ("size_mb<5", "test_accuracy>=0.5", "size_mb<=big", "nope<=1"):
+        with pytest.raises(ValueError, match="must be METRIC<=NUMBER or METRIC>=NUMBER"):
+            front_mod.Limit.parse(bad)

@@ -158,3 +158,11 @@ def test_budgets_default_to_none_and_take_inf(tmp_path):
     assert q.max_latency_ms == 4.5 and math.isinf(q.max_accuracy_drop) and q.min_accuracy < 0  # floor: twice chance
     with pytest.raises(SpecError, match="int8_mode = 'qat' makes torch INT8 models"):
         spec_mod.load(f, ["sweep.runtime=onnxruntime", "sweep.int8_mode=qat"])
+
+
+def test_limits_are_parsed_on_load_and_written_back(tmp_path):
+    spec = spec_mod.load(write(tmp_path, '[search]\nlimits = ["size_mb<=5", "throughput_ips>=1000"]\n'))
+    assert [str(limit) for limit in spec.search.limits] == ["size_mb<=5", "throughput_ips>=1000"]
+    assert spec_mod.from_dict(spec.to_dict()).search.limits == spec.search.limits
+    with pytest.raises(SpecError, match=r"\[search\] limits\[0\]: limit 'size<=5' must be METRIC<=NUMBER"):
+        spec_mod.load(write(tmp_path, '[search]\nlimits = ["size<=5"]\n'))

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import pandas as pd
 
+from trainables.names import POINT_METRICS
 from trainables.sweep import is_dense
 from tuning import pareto
 from tuning.pareto import Objective
@@ -41,6 +42,38 @@ ALIASES = ("best-accuracy", "fastest", "knee", "pick")
 
 
 @dataclass(frozen=True)
+class Limit:
+    """A budget on any point metric (``[search] limits``): ``"size_mb<=5"`` or ``"throughput_ips>=1000"``."""
+
+    metric: str
+    bound: float
+    upper: bool  # at most bound (<=), else at least (>=)
+
+    @classmethod
+    def parse(cls, text: str) -> "Limit":
+        """``"size_mb<=5"`` -> ``Limit("size_mb", 5.0, True)``; ValueError naming what is allowed."""
+        op = "<=" if "<=" in text else ">="
+        metric, _, value = (part.strip() for part in text.partition(op))
+        try:
+            bound = float(value)
+        except ValueError:
+            bound = math.nan
+        if metric not in POINT_METRICS or metric == "test_accuracy" or not math.isfinite(bound):
+            raise ValueError(f"limit {text!r} must be METRIC<=NUMBER or METRIC>=NUMBER with METRIC one of "
+                             f"{', '.join(m for m in POINT_METRICS if m != 'test_accuracy')}, e.g. \"size_mb<=5\"")
+        return cls(metric, bound, op == "<=")
+
+    def excess(self, value: Any) -> float:
+        """How far past the bound ``value`` is (<= 0: met); a point without the metric meets nothing."""
+        if value is None or not math.isfinite(float(value)):
+            return 1.0
+        return float(value) - self.bound if self.upper else self.bound - float(value)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{'<=' if self.upper else '>='}{self.bound:g}"
+
+
+@dataclass(frozen=True)
 class Rules:
     """What decides which points may be shipped and which is picked."""
 
@@ -48,20 +81,22 @@ class Rules:
     floor: float = 0.0  # minimum validation accuracy (0-1)
     max_latency_ms: float = math.inf
     max_accuracy_drop: float = math.inf  # below the best equal-compute dense point, 0-1
+    limits: tuple[Limit, ...] = ()  # on any point metric
 
     @property
     def budgeted(self) -> bool:
-        return math.isfinite(self.max_latency_ms) or math.isfinite(self.max_accuracy_drop)
+        return math.isfinite(self.max_latency_ms) or math.isfinite(self.max_accuracy_drop) or bool(self.limits)
 
-    def excess(self, latency_ms: float, accuracy: float, dense_accuracy: float) -> tuple[float, float]:
-        """How far over each budget a point is (<= 0: met; -1 where there is no budget). A point
-        meets no accuracy-drop budget while there is no dense reference to measure it against."""
-        lat = latency_ms - self.max_latency_ms if math.isfinite(self.max_latency_ms) else -1.0
+    def excess(self, point: Mapping[str, Any], dense_accuracy: float) -> tuple[float, ...]:
+        """How far over each budget ``point`` (a row) is, latency, accuracy drop, then each limit
+        (<= 0: met; -1 where there is no budget). A point meets no accuracy-drop budget while there
+        is no dense reference to measure it against. Optuna's constraints are these values."""
+        lat = point["latency_ms"] - self.max_latency_ms if math.isfinite(self.max_latency_ms) else -1.0
         drop = -1.0
         if math.isfinite(self.max_accuracy_drop):
-            drop = ((dense_accuracy - accuracy) - self.max_accuracy_drop - 1e-12 if math.isfinite(dense_accuracy)
-                    else 1.0)
-        return lat, drop
+            drop = ((dense_accuracy - point["accuracy"]) - self.max_accuracy_drop - 1e-12
+                    if math.isfinite(dense_accuracy) else 1.0)
+        return (lat, drop, *(limit.excess(point.get(limit.metric)) for limit in self.limits))
 
     def describe(self) -> str:
         parts = [f"floor accuracy >= {self.floor:.3f}"]
@@ -69,14 +104,14 @@ class Rules:
             parts.append(f"latency <= {self.max_latency_ms:g} ms")
         if math.isfinite(self.max_accuracy_drop):
             parts.append(f"accuracy drop <= {100 * self.max_accuracy_drop:g} points")
-        return ", ".join(parts)
+        return ", ".join(parts + [str(limit) for limit in self.limits])
 
 
 def rules_for(search: SearchConfig, num_classes: int) -> Rules:
     """The rules of a search: its ``[search]`` settings, the floor resolved for ``num_classes``."""
     floor = search.min_accuracy if search.min_accuracy >= 0 else default_floor(num_classes)
     return Rules(finetune_epochs=search.finetune_epochs, floor=floor, max_latency_ms=search.max_latency_ms,
-                 max_accuracy_drop=search.max_accuracy_drop)
+                 max_accuracy_drop=search.max_accuracy_drop, limits=tuple(search.limits))
 
 
 @dataclass(frozen=True)
@@ -161,8 +196,8 @@ def dense_reference(points: pd.DataFrame, rules: Rules) -> float:
 
 
 def feasible(points: pd.DataFrame, rules: Rules, dense_accuracy: float) -> pd.Series:
-    """Rows that meet both budgets (:meth:`Rules.excess`)."""
-    met = [max(rules.excess(lat, acc, dense_accuracy)) <= 0 for lat, acc in zip(points.latency_ms, points.accuracy)]
+    """Rows that meet every budget (:meth:`Rules.excess`)."""
+    met = [max(rules.excess(row, dense_accuracy)) <= 0 for row in points.to_dict("records")]
     return pd.Series(met, index=points.index, dtype=bool)
 
 
@@ -198,6 +233,12 @@ def closest(points: pd.DataFrame, rules: Rules, dense_accuracy: float) -> str:
     accuracy budget and the most accurate within the latency budget."""
     lines = [f"no point meets the budgets ({rules.describe()}; best equal-compute dense accuracy "
              f"{dense_accuracy:.4f})."]
+    if rules.limits:  # the latency and accuracy budgets among the points within the limits
+        points = points[[all(limit.excess(row.get(limit.metric)) <= 0 for limit in rules.limits)
+                         for row in points.to_dict("records")]]
+        if not len(points):
+            return "\n".join(lines + [f"  no point is within the limits ({', '.join(map(str, rules.limits))}); relax "
+                                      "[search] limits, or search further (more trials, more fine-tuning epochs)."])
     drop = dense_accuracy - points["accuracy"]
     within_drop = points[drop <= rules.max_accuracy_drop + 1e-12]
     if len(within_drop):

@@ -54,7 +54,8 @@ def remeasure(points: pd.DataFrame, shippable: pd.Index, front_of: FrontOf, exp_
     of points (it moves as latencies are re-measured); ``checkpoints``: trial id -> its dense
     checkpoint, whose directory holds the trial's artifacts."""
     store = _load(exp_dir)
-    points = _apply(points, store)
+    if store["latency"]:  # an earlier end phase measured some: its figures first
+        points = _apply(points, store)
     for _ in range(max_rounds):
         jobs = _jobs(points, shippable, front_of(points).rows.index, checkpoints, store)
         if not jobs:

@@ -206,7 +206,8 @@ def answer(uri: str, experiment: str | None, max_latency_ms: float | None,
     q = found.spec.search
     rules = front_mod.Rules(finetune_epochs=q.finetune_epochs, floor=found.floor,
                             max_latency_ms=q.max_latency_ms if max_latency_ms is None else max_latency_ms,
-                            max_accuracy_drop=q.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop)
+                            max_accuracy_drop=q.max_accuracy_drop if max_accuracy_drop is None else max_accuracy_drop,
+                            limits=tuple(q.limits))
     dense = front_mod.dense_reference(found.points, rules)
     table = annotate(found.front, versions(uri, found.name, found.parent.info.run_id))
     chosen = front_mod.fastest_feasible(table, rules, dense) if len(table) else None

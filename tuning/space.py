@@ -77,14 +77,13 @@ class Budgets:
         self.dense_accuracy = -math.inf
         self.current: TrialReport | None = None
 
-    def values(self, latency_ms: float, accuracy: float) -> tuple[float, float]:
-        return self.rules.excess(latency_ms, accuracy, self.dense_accuracy)
+    def values(self, point: dict[str, Any]) -> tuple[float, ...]:
+        return self.rules.excess(point, self.dense_accuracy)
 
-    def __call__(self, trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
-        found = self.current.values(["latency_ms", "accuracy"]) if self.current else None
-        if found is None:
-            return 1.0, 1.0  # a pruned (diverged) trial meets nothing
-        return self.values(*found)
+    def __call__(self, trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+        if self.current is None or self.current.values(["latency_ms", "accuracy"]) is None:
+            return (1.0,) * (2 + len(self.rules.limits))  # a pruned (diverged) trial meets nothing
+        return self.values(self.current.metrics)
 
 
 def make_sampler(spec: Spec, budgets: Budgets | None = None) -> optuna.samplers.BaseSampler:
@@ -128,7 +127,7 @@ class SweepFeedbackSearch(OptunaSearch):
         for params, values, row in sweep_evidence(done.points, done.metrics, self.space, self.metrics, self.curve):
             attrs = {}
             if self.budgets is not None:
-                attrs[_CONSTRAINTS_KEY] = self.budgets.values(row["latency_ms"], row["accuracy"])
+                attrs[_CONSTRAINTS_KEY] = self.budgets.values(row)
             self.study.add_trial(optuna.trial.create_trial(
                 params=params, distributions={k: self.space[k] for k in params}, values=values,
                 user_attrs={"source": "sweep", "ray_trial_id": trial_id}, system_attrs=attrs,
@@ -185,7 +184,7 @@ def make_searcher(spec: Spec, exp_dir: Path) -> SweepFeedbackSearch:
     """The searcher of a new search, its study in ``exp_dir``."""
     q = spec.search
     storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / STUDY_FILE}")
-    rules = Rules(max_latency_ms=q.max_latency_ms, max_accuracy_drop=q.max_accuracy_drop)
+    rules = Rules(max_latency_ms=q.max_latency_ms, max_accuracy_drop=q.max_accuracy_drop, limits=tuple(q.limits))
     budgets = Budgets(rules) if rules.budgeted else None
     return SweepFeedbackSearch(optuna_space(spec), q.objectives, make_sampler(spec, budgets), study_name=spec.name,
                                storage=storage, feedback=q.sweep_feedback, budgets=budgets, curve=q.feedback_curve)

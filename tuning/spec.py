@@ -28,6 +28,7 @@ from trainables.errors import SpecError
 from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
 from tuning import _checks
+from tuning.front import Limit
 from tuning.pareto import Objective
 
 __all__ = ["Spec", "SpecError", "load", "from_dict", "replace", "parse_override", "parse_ratios"]
@@ -63,6 +64,8 @@ class SearchConfig:
     min_accuracy: float = -1.0
     max_latency_ms: float = math.inf
     max_accuracy_drop: float = math.inf
+    # budgets on any point metric: "size_mb<=5" (at most), "throughput_ips>=1000" (at least)
+    limits: list[Limit] = field(default_factory=list)
     register_models: int = 6  # Pareto models registered in MLflow (the aliased ones at least); 0 = none
     # Ray results, checkpoints and the Optuna study; on a cluster of several machines a path
     # every node sees (a shared filesystem). Default: $PRUNETUNE_STORAGE_PATH (the containers
@@ -101,6 +104,7 @@ class Spec:
         for key in ("source", "given", "relative"):
             d.pop(key)
         d["search"]["objectives"] = [str(o) for o in self.search.objectives]
+        d["search"]["limits"] = [str(limit) for limit in self.search.limits]
         return d
 
     def run_name(self) -> str:
@@ -118,14 +122,18 @@ _INF_ALLOWED = {"max_latency_ms", "max_accuracy_drop"}
 _PATH_KEYS = {("data", "path"), ("data", "root"), ("train", "output_dir"), ("search", "storage_path")}
 
 
+# Values written as strings in a file and parsed on load (``parse``; ``str()`` writes them back).
+_PARSED = {Objective: "'METRIC:max|min'", Limit: "'METRIC<=NUMBER' or 'METRIC>=NUMBER'"}
+
+
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) is list:
         item = get_args(tp)[0]
-        return "a list of " + ("'METRIC:max|min' strings" if item is Objective else item.__name__)
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            Objective: "a 'METRIC:max|min' string"}[tp]
+        return "a list of " + (f"{_PARSED[item]} strings" if item in _PARSED else item.__name__)
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp) or \
+        f"a {_PARSED[tp]} string"
 
 
 def _check_value(where: str, tp: Any, value: Any) -> Any:
@@ -147,11 +155,11 @@ def _check_value(where: str, tp: Any, value: Any) -> Any:
                              if value == math.inf else ""))
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is Objective:
+    elif tp in _PARSED:
         ok = isinstance(value, str)
         if ok:
             try:
-                return Objective.parse(value)
+                return tp.parse(value)
             except ValueError as e:
                 raise SpecError(f"{where}: {e}") from None
     else:
