@@ -142,7 +142,7 @@ def check(res, uri: str, trials: int) -> dict:
     leaked = _scratch_left(res.path.parent)
     assert not leaked, f"{len(leaked)} trial scratch directories left in {tempfile.gettempdir()}: {leaked[:3]}"
     kept = {d.parent.name for d in res.path.glob("*/checkpoint_*")}
-    front_dirs = t.set_index("trial_id").loc[sorted(set(res.front.trial_id)), "trial_dir"]
+    front_dirs = t.set_index("trial_id").loc[sorted(set(res.front.rows.trial_id)), "trial_dir"]
     on_front = {Path(d).name for d in front_dirs}
     assert kept == on_front, (kept, on_front)
     return {"child_runs": len(children), "study_trials": len(study), "front_trials": len(on_front),

@@ -200,7 +200,7 @@ def test_resume_of_a_finished_search_changes_no_version_and_no_alias(gpu_search)
         ray.shutdown()
     assert registry() == before and len(before[0]) >= 1
     assert json.loads((res.path / "quiet.json").read_text()) == quiet  # nothing timed again
-    assert (again.front.latency_source == "quiet").all()
+    assert (again.front.rows.latency_source == "quiet").all()
     assert sorted(again.front.rows.artifact_sha256) == sorted(res.front.rows.artifact_sha256)
 
 
@@ -435,7 +435,7 @@ ray.init(num_cpus=2, include_dashboard=False)  # a notebook's Ray (what ray.init
 import sklearn.datasets, tensorboardX, tuning.driver  # what importing them sets is theirs (KMP_*, CRC32C_SW_MODE)
 before = dict(os.environ)
 spec = tuning.load("experiments/quickstart.toml", [
-    "search.num_samples=2", "train.epochs=1", "search.finetune_epochs=1", "data.train_size=120",
+    "search.num_samples=2", "train.epochs=2", "search.finetune_epochs=1", "data.train_size=120", "search.early_stop=pareto",
     "data.test_size=40", "sweep.ratios=[0.0, 0.3]", "sweep.latency_runs=3", "search.min_accuracy=0.0",
     'search.objectives=["size_mb:min", "latency_ms:min", "accuracy:max"]', f"search.storage_path={sys.argv[1]}"])
 result = tuning.search(spec, tracking_uri=sys.argv[2])
@@ -448,15 +448,17 @@ except tuning.PrunetuneError as e:
 print(json.dumps({"rows": len(result.front), "aliases": sorted(result.front.aliases),
                   "plane": [str(o) for o in result.front.plane], "hypervolume": result.front.hypervolume,
                   "trials": len(result.grid), "study": len(result.study.trials), "changed": changed,
-                  "uri_set": mlflow.is_tracking_uri_set(), "refused": refused}))
+                  "uri_set": mlflow.is_tracking_uri_set(), "refused": refused,
+                  "rung": json.loads((result.path / "stopping.json").read_text())["rungs"]["1"]}))
 """
 
 
 @pytest.mark.slow
 def test_the_python_api_runs_the_quickstart_from_a_script(tmp_path):
     """``import tuning`` from a script: the quickstart (shrunk) with three objectives, written in an
-    order that puts accuracy last, returns the front, Tune's results and the study, registers
-    models with every alias, and leaves the caller's environment and MLflow URI as they were."""
+    order that puts accuracy last, and early stopping, returns the front, Tune's results and the
+    study, registers models with every alias, and leaves the caller's environment and MLflow URI
+    as they were. Each trial predicted its deployable point at its first rung."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     script = tmp_path / "search.py"
     script.write_text(PYTHON_API_SCRIPT)
@@ -467,6 +469,7 @@ def test_the_python_api_runs_the_quickstart_from_a_script(tmp_path):
     assert got["rows"] >= 1 and got["aliases"] == sorted(front_mod.ALIASES) and got["trials"] == 2
     assert got["plane"] == ["accuracy:max", "latency_ms:min"] and got["hypervolume"] > 0 and got["study"] >= 2
     assert got["changed"] == [], got["changed"]
+    assert len(got["rung"]) == 2 and all(0 <= a <= 1 and ms > 0 for a, ms in got["rung"].values())  # predicted
     assert got["uri_set"] is False and "experiment file nope.toml not found" in got["refused"]
     versions = MlflowClient(uri).search_model_versions("name='quickstart'")
     assert len(versions) >= 1 and "hypervolume" in r.stdout  # three objectives register models

@@ -107,7 +107,7 @@ def shipped(uri: str, point: Point) -> Shipped | None:
         if point.version:
             v = _model_version(client, point.version)
             record = Record.from_tags(v.tags, point.version)
-            local = mlflow.artifacts.download_artifacts(point.version, dst_path=where, tracking_uri=uri)
+            local = mlflow.artifacts.download_artifacts(point.version, dst_path=where, tracking_uri=uri, registry_uri=uri)
             return Shipped((Path(local) / "model.onnx").read_bytes(), record, point.version)
         row = _built_row(client, point, where)
         if row is None:
