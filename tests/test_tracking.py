@@ -190,3 +190,19 @@ def test_the_ui_address_opens_on_the_runs():
         "MLflow UI: http://mlflow:5000/#/experiments/7?workflowType=machine_learning")
     assert runs.where_to_look("sqlite:///mlflow.db", "7").startswith(
         "MLflow UI: `prunetune ui --tracking-uri sqlite:///mlflow.db`, then http://127.0.0.1:5000/#/experiments/7?")
+
+
+def test_a_running_search_shows_its_provisional_front(store):
+    from tuning import registry
+
+    uri, spec, exp_dir = store
+    experiment(uri, exp_dir.parent)
+    tracker = MlflowTracking(uri, spec, exp_dir)
+    assert "no point above the floor yet" in registry.provisional(uri, "unit")  # no trial completed
+    for r in reports("t1"):
+        tracker.log_result(of(r, {"lr": 0.01}))
+    text = registry.provisional(uri, "unit")
+    assert text.startswith("PROVISIONAL: search unit-1") and "1 completed trial(s)" in text
+    assert "channel_l1" in text  # the fastest point of the trial's sweep is on its front
+    tracker.end()
+    assert registry.provisional(uri, "unit") is None  # finished: `pareto` shows the final front

@@ -137,8 +137,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_pareto(args: argparse.Namespace) -> int:
     from tuning import registry, runs
 
-    table, text, met = registry.answer(runs.tracking_uri(args.tracking_uri), args.experiment, args.max_latency_ms,
-                                       args.max_accuracy_drop)
+    uri = runs.tracking_uri(args.tracking_uri)
+    running = registry.provisional(uri, args.experiment)
+    if running is not None:
+        print(running, flush=True)
+    try:
+        table, text, met = registry.answer(uri, args.experiment, args.max_latency_ms, args.max_accuracy_drop)
+    except runs.NotFound:
+        if running is None:
+            raise
+        return 0  # no finished search yet: the provisional front is all there is
     print(text, flush=True)
     if args.json:
         _print_json(json.loads(table.to_json(orient="records")))

@@ -197,6 +197,26 @@ def annotate(table: pd.DataFrame, registered: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def provisional(uri: str, experiment: str | None) -> str | None:
+    """``prunetune pareto`` while a search runs: the front of the trials it completed so far, with
+    the latencies they timed themselves (the quiet re-measurement comes at the end), marked
+    provisional; None when no search is running."""
+    client = runs.check_reachable(uri)
+    parent = runs.running_search(client, experiment)
+    if parent is None:
+        return None
+    q, points = runs.logged_spec(client, parent).search, runs.trial_points(client, parent)
+    rules = front_mod.Rules(finetune_epochs=q.finetune_epochs, floor=max(q.min_accuracy, 0.0),
+                            max_latency_ms=q.max_latency_ms, max_accuracy_drop=q.max_accuracy_drop, limits=tuple(q.limits))
+    front = front_mod.compute(points, rules, q.objectives, q.hypervolume_reference)
+    head = (f"PROVISIONAL: search {parent.info.run_name} (parent run {parent.info.run_id}) is still running; the front "
+            f"of its {points.trial_id.nunique() if len(points) else 0} completed trial(s), latencies as timed inside "
+            "the trials (the final front is timed quietly at the end)")
+    cols = [c for c in _PARETO_COLUMNS if c in front.rows.columns]
+    with pd.option_context("display.width", 240, "display.max_columns", 24, "display.precision", 4):
+        return head + (":\n" + front.rows[cols].to_string(index=False) if len(front) else ": no point above the floor yet")
+
+
 def answer(uri: str, experiment: str | None, max_latency_ms: float | None,
            max_accuracy_drop: float | None) -> tuple[pd.DataFrame, str, bool]:
     """``prunetune pareto``: the latest finished search's front with each point's registered

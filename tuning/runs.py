@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from trainables.errors import NotFound, TrackingError
+from trainables.names import DONE
 from tuning.names import (ACCURACY_FLOOR, EXPERIMENT_JSON, FRONT_CSV, KIND_TAG, PARENT_TAG, POINTS_CSV, SEARCH,
-                          SEARCH_DIR_TAG, TRIAL_ID_TAG)
+                          SEARCH_DIR_TAG, STATUS_TAG, SWEEP_CSV, TRIAL_ID_TAG)
 from tuning.spec import Spec, from_dict
 
 if TYPE_CHECKING:
@@ -118,20 +119,52 @@ def latest_search(client: MlflowClient, experiment: str | None = None) -> Run:
     """The parent run of the search that finished last, in ``experiment`` or in any. A search
     ends (FINISHED) once its models are registered and their aliases set, so this is the search
     that set the aliases last: ``prunetune pareto`` and ``models:/NAME@ALIAS`` name the same one."""
-    if experiment:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            names = [e.name for e in client.search_experiments()]
-            raise NotFound(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
-        ids = [exp.experiment_id]
-    else:
-        ids = [e.experiment_id for e in client.search_experiments()]
+    ids = _experiment_ids(client, experiment)
     found = client.search_runs(ids, f"tags.`{KIND_TAG}` = '{SEARCH}' and attributes.status = 'FINISHED'",
                                order_by=["attributes.end_time DESC"], max_results=1) if ids else []
     if not found:
         where = f"experiment {experiment!r}" if experiment else "the tracking store"
         raise NotFound(f"no finished prunetune search in {where}; run `prunetune search FILE` first")
     return found[0]
+
+
+def running_search(client: MlflowClient, experiment: str | None = None) -> Run | None:
+    """The parent run of the search started last that has not finished (running, or its driver
+    died before the end: `prunetune resume` finishes it), if it started after the last finished one."""
+    ids = _experiment_ids(client, experiment)
+    found = client.search_runs(ids, f"tags.`{KIND_TAG}` = '{SEARCH}'", order_by=["attributes.start_time DESC"],
+                               max_results=1) if ids else []
+    return found[0] if found and found[0].info.status == "RUNNING" else None
+
+
+def trial_points(client: MlflowClient, parent: Run) -> pd.DataFrame:
+    """Every sweep point of the trials of ``parent`` that completed so far (their ``sweep.csv``),
+    each row with its ``trial_id``, ``lr`` and ``run_id``."""
+    tables = []
+    for trial_id, run in child_runs(client, parent.info.experiment_id, parent.info.run_id).items():
+        if run.data.tags.get(STATUS_TAG) != DONE:
+            continue
+        with tempfile.TemporaryDirectory(prefix="prunetune-") as where:
+            table = pd.read_csv(client.download_artifacts(run.info.run_id, SWEEP_CSV, where), dtype={"arch": str})
+        tables.append(table.assign(trial_id=trial_id, lr=float(run.data.params.get("lr", "nan")), run_id=run.info.run_id))
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def logged_spec(client: MlflowClient, parent: Run) -> Spec:
+    """The experiment a search ran, as its parent run logged it (``experiment.json``)."""
+    with tempfile.TemporaryDirectory(prefix="prunetune-") as where:
+        logged = client.download_artifacts(parent.info.run_id, EXPERIMENT_JSON, where)
+        return from_dict(json.loads(Path(logged).read_text()), source=f"run {parent.info.run_id}: {EXPERIMENT_JSON}")
+
+
+def _experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:
+    if not experiment:
+        return [e.experiment_id for e in client.search_experiments()]
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise NotFound(f"no MLflow experiment {experiment!r}; experiments: {', '.join(names) or 'none'}")
+    return [exp.experiment_id]
 
 
 @dataclass
@@ -151,11 +184,8 @@ def load_search(uri: str, experiment: str | None = None) -> FinishedSearch:
     parent = latest_search(client, experiment)
     run_of = _run_ids(client, parent)
     points, front = (_table(client, parent, name, run_of) for name in (POINTS_CSV, FRONT_CSV))
-    with tempfile.TemporaryDirectory(prefix="prunetune-") as where:
-        logged = client.download_artifacts(parent.info.run_id, EXPERIMENT_JSON, where)
-        spec = from_dict(json.loads(Path(logged).read_text()), source=f"run {parent.info.run_id}: {EXPERIMENT_JSON}")
-    return FinishedSearch(parent, client.get_experiment(parent.info.experiment_id).name, points, front, spec,
-                          parent.data.metrics.get(ACCURACY_FLOOR, 0.0))
+    return FinishedSearch(parent, client.get_experiment(parent.info.experiment_id).name, points, front,
+                          logged_spec(client, parent), parent.data.metrics.get(ACCURACY_FLOOR, 0.0))
 
 
 def _run_ids(client: MlflowClient, parent: Run) -> dict[str, str]:
