@@ -57,6 +57,7 @@ class TrialPlan:
     finetune_epochs: int  # the deployable points' fine-tuning epochs (0: built without)
     method: str  # the own point's method when the search does not sample one
     record: dict[str, Any]  # the experiment spec as each checkpoint records it (written, never read here)
+    rungs: tuple[int, ...] = ()  # epochs after which the trial predicts its point (early stopping: tuning.stopping)
 
 
 @ray.remote(num_cpus=0)
@@ -149,6 +150,31 @@ def _sweep(model: torch.nn.Module, splits: Splits, cfg: SweepConfig, train_cfg: 
     return pd.concat([curve, points], ignore_index=True)
 
 
+def _latency_cache() -> Any:
+    """The search's shared latency table, or a dict of this trial's own when the trainable runs
+    without the search driver (which creates the actor)."""
+    try:
+        return _SharedCache(ray.get_actor(LATENCY_CACHE))
+    except ValueError:
+        return {}
+
+
+def _predict(ckpt_path: Path, splits: Splits, plan: TrialPlan, train_cfg: TrainConfig, cache: Any,
+             point: tuple[str, float, bool]) -> dict[str, float]:
+    """The trial's deployable point predicted from the weights it has (the checkpoint just written):
+    its (method, ratio, int8) pruned without retraining (BatchNorm re-estimated where structured
+    pruning needs it), built and measured as the ONNX file that ships, on the validation images;
+    the latency is its architecture's (shared through the latency cache: timed once a search)."""
+    method, ratio, int8 = point
+    model = model_from_checkpoint(load_checkpoint(ckpt_path), trusted=plan.model.arch).to(splits.train.x.device)
+    cfg = dataclasses.replace(plan.sweep, methods=[method], ratios=[ratio], int8=int8, finetune_epochs=0,
+                              runtime="onnxruntime")
+    quick = dataclasses.replace(splits, test=splits.val.head(1))  # a prediction reads the validation split only
+    rows = run_sweep(model.eval(), quick, cfg, train_cfg, latency_cache=cache, progress=False)
+    row = rows[rows.int8 == int8].iloc[0]
+    return {"predicted_accuracy": float(row.accuracy), "predicted_latency_ms": float(row.latency_ms)}
+
+
 def _restored() -> dict[str, Any] | None:
     """The checkpoint Tune restored this trial from (a restarted trial, a resumed search), or None."""
     restored = tune.get_checkpoint()
@@ -193,13 +219,15 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, plan: TrialPlan) -> 
             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()), "device": device.type,
             "node_id": ray.get_runtime_context().get_node_id(), "threads": threads}
 
-    resume = _restored()
+    resume, cache = _restored(), _latency_cache()
     scratch = scratch_dir()  # deleted when this local goes (the trial returns): tune.report copies
     workdir = Path(scratch.name)  # each checkpoint into storage_path before it returns
     ckpt_path = workdir / CHECKPOINT_FILE
 
     def report_epoch(m: dict[str, float]) -> None:
         metrics = {**base, PHASE: TRAIN, "epoch": int(m["epoch"]), **{k: m[k] for k in EPOCH_METRICS}}
+        if metrics["epoch"] in plan.rungs:
+            metrics.update(_predict(ckpt_path, splits, plan, train_cfg, cache, (method, ratio, int8)))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(workdir)))
 
     try:
@@ -215,10 +243,6 @@ def train_and_sweep(config: dict[str, Any], splits: Splits, plan: TrialPlan) -> 
         tune.report({**base, PHASE: DIVERGED, "epoch": e.epoch, ERROR: str(e)})
         return
 
-    try:  # created by the search driver; absent when the trainable runs on its own
-        cache: Any = _SharedCache(ray.get_actor(LATENCY_CACHE))
-    except ValueError:
-        cache = {}
     epochs, shipped, artifacts = plan.finetune_epochs, {}, {}
     df = _sweep(model.eval(), splits, sweep_cfg, train_cfg, cache, method, ratio, epochs, shipped, artifacts)
     # next to the dense checkpoint, kept with it (the final report's checkpoint)

@@ -100,6 +100,12 @@ def _search(spec: Spec, need: Callable[[bool, str], None]) -> None:
     need("test_accuracy" not in metrics, "[search] objectives: test_accuracy is reported, never tuned on (a search "
          "that optimises it reports a biased test accuracy); use accuracy:max (the validation split)")
     need(len(set(metrics)) == len(metrics), f"[search] objectives name a metric twice: {metrics}")
+    need(not (q.asha and q.early_stop != "none"), "[search] asha = true and early_stop = 'pareto' both stop trials: "
+         "choose one (early_stop = 'pareto' weighs every objective, asha validation accuracy alone)")
+    need(q.early_stop_eta >= 2 and q.early_stop_margin >= 0, f"[search] early_stop_eta must be >= 2 and "
+         f"early_stop_margin >= 0, got {q.early_stop_eta} and {q.early_stop_margin}")
+    need(min(q.stop_after_minutes, q.stop_after_epochs, q.stop_patience, q.stop_tolerance) >= 0,
+         "[search] stop_after_minutes, stop_after_epochs, stop_patience and stop_tolerance must be >= 0 (0: no rule)")
     need(not q.hypervolume_reference or len(q.hypervolume_reference) == len(q.objectives),
          f"[search] hypervolume_reference has {len(q.hypervolume_reference)} values for {len(q.objectives)} "
          "objectives: give one per objective, in their order (e.g. [0.0, 20.0] for accuracy:max, latency_ms:min)")

@@ -3,7 +3,7 @@
 - :func:`optuna_space`: ``lr`` log-uniform in ``[lr_min, lr_max]``, ``prune_ratio`` uniform in
   ``[ratio_min, ratio_max]``, ``method`` among the ``[sweep] methods`` when searched, ``int8``
   when the sweep measures INT8.
-- :func:`make_sampler`: multivariate TPE (default), NSGA-II or random, seeded.
+- :func:`make_sampler`: multivariate TPE (default), Gaussian-process BO (``gp``), NSGA-II or random, seeded.
 - :class:`SweepFeedbackSearch`: Ray's ``OptunaSearch``, multi-objective, its study in the
   experiment directory (``optuna.db``, so ``prunetune resume`` keeps it). When a trial
   completes, every other point of its sweep is added to the study as a completed trial with
@@ -87,7 +87,7 @@ class Budgets:
 
 
 def make_sampler(spec: Spec, budgets: Budgets | None = None) -> optuna.samplers.BaseSampler:
-    """The ``[search] sampler``, seeded with ``[search] seed``; TPE and NSGA-II steer into the
+    """The ``[search] sampler``, seeded with ``[search] seed``; TPE, GP and NSGA-II steer into the
     region that meets the ``budgets`` (random sampling ignores them)."""
     q = spec.search
     if q.sampler == "nsga2":
@@ -95,6 +95,9 @@ def make_sampler(spec: Spec, budgets: Budgets | None = None) -> optuna.samplers.
                                              constraints_func=budgets)
     if q.sampler == "random":
         return optuna.samplers.RandomSampler(seed=q.seed)
+    if q.sampler == "gp":  # Gaussian-process BO: for few, expensive trials
+        return optuna.samplers.GPSampler(seed=q.seed, constraints_func=budgets,
+                                         n_startup_trials=min(10, max(2, q.num_samples // 3)))
     return optuna.samplers.TPESampler(seed=q.seed, multivariate=True, constraints_func=budgets,
                                       n_startup_trials=min(10, max(2, q.num_samples // 3)))
 

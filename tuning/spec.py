@@ -47,13 +47,23 @@ class SearchConfig:
     # written ["accuracy:max", "latency_ms:min"] in a file; parsed on load
     objectives: list[Objective] = field(default_factory=lambda: [Objective("accuracy", "max"),
                                                                  Objective("latency_ms", "min")])
-    sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"  # grid: grid_lrs x [sweep] ratios
+    sampler: Literal["tpe", "gp", "nsga2", "random", "grid"] = "tpe"  # grid: grid_lrs x [sweep] ratios
     grid_lrs: list[float] = field(default_factory=list)
     seed: int = 0
     finetune_epochs: int = 2  # the trial's own point: pruned, then fine-tuned (distilled) this many epochs; 0 = off
     sweep_feedback: bool = True  # sweep points a trial measured like its objective become completed Optuna trials
     feedback_curve: bool = False  # also the no-retrain curve, told as if fine-tuned (more evidence early, biased)
     asha: bool = False  # early-stop trials on val_accuracy during training
+    # early-stop trials by their predicted deployable point at rungs 1, eta, eta^2... (tuning/stopping.py)
+    early_stop: Literal["none", "pareto"] = "none"
+    early_stop_eta: int = 2
+    early_stop_margin: float = 0.02  # accuracy another trial's point at the rung must lead by, at no more latency
+    # the stop rule (0: none): wall-clock minutes, trial-epochs, or no hypervolume gain above
+    # stop_tolerance (relative) over the last stop_patience completed trials
+    stop_after_minutes: float = 0.0
+    stop_after_epochs: int = 0
+    stop_patience: int = 0
+    stop_tolerance: float = 0.01
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0  # fractional: 0.25 -> four trials share a GPU
     max_concurrent_trials: int = 0  # 0 = as many as resources allow

@@ -35,7 +35,7 @@ from ray.tune import Callback, ResultGrid
 from trainables.names import DIVERGED, DONE, EPOCH_METRICS, POINT_METRICS, TRAIN
 from tuning.names import (ACCURACY_FLOOR, CHECKPOINT_DIR, CHECKPOINT_TAG, CURVE_METRICS, DENSE_ACCURACY, ERROR_TAG,
                           EXPERIMENT_JSON, EXPERIMENT_TAGS, HYPERVOLUME, KEPT, KIND_TAG, LOST, PARENT_TAG, REMOVED,
-                          SEARCH, SEARCH_DIR_TAG, STATUS_TAG, SWEEP_CSV, TRIAL, TRIAL_ID_TAG)
+                          SEARCH, SEARCH_DIR_TAG, STATUS_TAG, STOPPED, SWEEP_CSV, TRIAL, TRIAL_ID_TAG)
 from tuning import registry, report, runs
 from tuning.report import TrialReport
 
@@ -137,6 +137,8 @@ class MlflowTracking(Callback):
         if last.trial_id in self.missed:
             return False
         rid = self._child(last.trial_id, last.config)
+        if last.phase == TRAIN:  # stopped while training (early_stop, asha, the stop rule): no objectives
+            self.client.set_tag(rid, STATUS_TAG, STOPPED)
         self._end(last.trial_id, rid, "FAILED" if last.phase == DIVERGED else "FINISHED")
         return True
 

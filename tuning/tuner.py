@@ -18,6 +18,7 @@ from ray import tune
 
 from trainables.data import Splits
 from trainables.names import PHASE
+from tuning import stopping
 from tuning.space import Sampling
 from tuning.spec import Spec
 
@@ -32,12 +33,15 @@ def create(spec: Spec, exp_dir: Path, splits: Splits, sampling: Sampling, callba
         # max_t one past the last epoch: reaching max_t stops a trial, which must still sweep
         scheduler = ASHAScheduler(metric="val_accuracy", mode="max", time_attr="epoch",
                                   max_t=spec.train.epochs + 1, grace_period=1, reduction_factor=2)
+    elif q.early_stop == "pareto":
+        scheduler = stopping.ParetoStopping(exp_dir, _rungs(spec), q.early_stop_eta, q.early_stop_margin)
+    stop = stopping.StopRule(q.stop_after_minutes, q.stop_after_epochs, q.stop_patience, q.stop_tolerance)
     tune_config = tune.TuneConfig(search_alg=sampling.searcher, scheduler=scheduler, num_samples=sampling.num_samples,
                                   max_concurrent_trials=q.max_concurrent_trials or None)
     run_config = tune.RunConfig(
         name=exp_dir.name, storage_path=str(exp_dir.parent), progress_reporter=_reporter(spec, sampling), verbose=1,
         failure_config=tune.FailureConfig(max_failures=q.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks, stop=stop,
     )
     return tune.Tuner(_trainable(spec, splits, sampling), param_space=sampling.param_space, tune_config=tune_config,
                       run_config=run_config)
@@ -71,9 +75,14 @@ def _trainable(spec: Spec, splits: Splits, sampling: Sampling) -> Any:
     print(f"data: {spec.data.dataset}: train {len(splits.train)} / val {len(splits.val)} / test "
           f"{len(splits.test)} images (put in the object store once)", flush=True)
     plan = TrialPlan(model=spec.model, train=spec.train, sweep=spec.sweep, finetune_epochs=q.finetune_epochs,
-                     method=sampling.methods[0], record=spec.to_dict())
+                     method=sampling.methods[0], record=spec.to_dict(), rungs=_rungs(spec))
     fn = tune.with_parameters(train_and_sweep, splits=splits, plan=plan)
     return tune.with_resources(fn, {"cpu": q.cpus_per_trial, "gpu": q.gpus_per_trial})
+
+
+def _rungs(spec: Spec) -> tuple[int, ...]:
+    q = spec.search
+    return stopping.rungs(spec.train.epochs, q.early_stop_eta) if q.early_stop == "pareto" else ()
 
 
 def _reporter(spec: Spec, sampling: Sampling) -> tune.ProgressReporter:
