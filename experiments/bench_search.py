@@ -51,13 +51,13 @@ import optuna
 import pandas as pd
 
 from tuning import pareto
-from tuning.space import make_sampler, optuna_space, sweep_evidence
+from tuning.space import make_sampler, optuna_space, own_methods, sweep_evidence
 from tuning.spec import Spec, from_dict
 
 TABLE = Path(__file__).resolve().parents[1].parent / "shared/data/seed_tables.csv"
 REF_MS = 50.0
 OBJECTIVES = [pareto.Objective("accuracy", "max"), pareto.Objective("latency_ms", "min")]
-METRICS = [name for name, _ in OBJECTIVES]
+METRICS = [o.metric for o in OBJECTIVES]
 STRATEGIES = ("random", "optuna", "optuna+feedback", "optuna+curve")
 FINETUNE = 2  # the deployable points' fine-tuning epochs (the fidelity)
 FT_GAIN = 1.0  # points the dense model gains from the fine-tuning epochs
@@ -109,7 +109,7 @@ def make_spec(seed: int, budget: int, sampler: str) -> Spec:
 
 def train_and_sweep(sur: Surrogate, spec: Spec, params: dict[str, Any], seed: int, index: int) -> dict[str, Any]:
     """What the trainable reports, with the surrogate in place of training, sweep and fine-tuning."""
-    lr, method = float(params["lr"]), params.get("method", spec.sweep.methods[0])
+    lr, method = float(params["lr"]), params.get("method", own_methods(spec)[0])  # as the search plans it
     ratio = round(float(params["prune_ratio"]), 4)  # as trainables.trainable does
     offset = float(np.random.default_rng([seed, index]).normal(0.0, NOISE_POINTS))
     keys = ("method", "ratio", "int8", "finetune_epochs", *METRICS)
