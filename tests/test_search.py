@@ -467,7 +467,8 @@ def test_the_python_api_runs_the_quickstart_from_a_script(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["rows"] >= 1 and got["aliases"] == sorted(front_mod.ALIASES) and got["trials"] == 2
-    assert got["plane"] == ["accuracy:max", "latency_ms:min"] and got["hypervolume"] > 0 and got["study"] >= 2
+    assert got["plane"] == ["accuracy:max", "latency_ms:min"], got
+    assert got["hypervolume"] > 0 and got["study"] >= 2, got
     assert got["changed"] == [], got["changed"]
     assert len(got["rung"]) == 2 and all(0 <= a <= 1 and ms > 0 for a, ms in got["rung"].values())  # predicted
     assert got["uri_set"] is False and "experiment file nope.toml not found" in got["refused"]

@@ -77,11 +77,14 @@ def _toy(config):
 
 
 @pytest.mark.slow
-def test_a_stopped_trial_is_pruned_in_optuna_tagged_in_mlflow_and_stays_stopped(tmp_path):
+def test_a_stopped_trial_is_pruned_in_optuna_tagged_in_mlflow_and_stays_stopped(tmp_path, monkeypatch):
     import ray
     from ray import cloudpickle, tune
 
-    from tuning import space, tracking
+    from tuning import cluster, space, tracking
+
+    for key, value in cluster.TUNE_ENV.items():  # what the driver sets for a search's Tune
+        monkeypatch.setenv(key, value)
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
     spec = from_dict({"name": "stops", "search": {"storage_path": str(tmp_path), "num_samples": 3,

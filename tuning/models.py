@@ -32,7 +32,7 @@ from trainables.names import DEPLOYABLE_FILE, CheckpointMeta
 from tuning.names import (CHECKPOINT_ARTIFACT, CHECKPOINT_DIR, DEPLOYABLE_ARTIFACT, EXPERIMENT_JSON, PARENT_TAG,
                           SWEEP_CSV)
 from trainables.sweep import point_key, prune_point
-from tuning import deploy, front, retention
+from tuning import _scoped, deploy, front, retention
 from tuning.spec import Spec, from_dict
 from tuning.verify import Record, Verdict, check
 
@@ -107,7 +107,8 @@ def shipped(uri: str, point: Point) -> Shipped | None:
         if point.version:
             v = _model_version(client, point.version)
             record = Record.from_tags(v.tags, point.version)
-            local = mlflow.artifacts.download_artifacts(point.version, dst_path=where, tracking_uri=uri, registry_uri=uri)
+            with _scoped.tracking_uri(uri):  # MLflow resolves models:/ against its global registry URI, whatever is passed
+                local = mlflow.artifacts.download_artifacts(point.version, dst_path=where, tracking_uri=uri)
             return Shipped((Path(local) / "model.onnx").read_bytes(), record, point.version)
         row = _built_row(client, point, where)
         if row is None:
