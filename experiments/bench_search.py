@@ -115,7 +115,8 @@ def train_and_sweep(sur: Surrogate, spec: Spec, params: dict[str, Any], seed: in
     keys = ("method", "ratio", "int8", "finetune_epochs", *METRICS)
     curve = [dict(zip(keys, (m, r, False, 0, *sur.point(lr, m, r, offset))))
              for m in spec.sweep.methods for r in spec.sweep.ratios]
-    tuned = [dict(zip(keys, (method, r, False, FINETUNE, *sur.point(lr, method, r, offset, tuned=True))))
+    tuned = [dict(zip(keys, (method, r, False, FINETUNE, *sur.point(lr, method, r, offset, tuned=True))),
+                  artifact=f"points/{method}@{r:g}.onnx")  # built as a file, as a trial's deployable points are
              for r in sorted({0.0, ratio})]
     df = pd.DataFrame(curve + tuned)
     own = df[(df.method == method) & (df.ratio == ratio) & (df.finetune_epochs == FINETUNE)].iloc[0]
