@@ -434,6 +434,7 @@ import ray
 ray.init(num_cpus=2, include_dashboard=False)  # a notebook's Ray (what ray.init sets is Ray's; a search's is ours)
 import sklearn.datasets, tensorboardX, tuning.driver  # what importing them sets is theirs (KMP_*, CRC32C_SW_MODE)
 before = dict(os.environ)
+uri_before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None  # the caller's, if any
 spec = tuning.load("experiments/quickstart.toml", [
     "search.num_samples=2", "train.epochs=2", "search.finetune_epochs=1", "data.train_size=120", "search.early_stop=pareto",
     "data.test_size=40", "sweep.ratios=[0.0, 0.3]", "sweep.latency_runs=3", "search.min_accuracy=0.0",
@@ -448,7 +449,8 @@ except tuning.PrunetuneError as e:
 print(json.dumps({"rows": len(result.front), "aliases": sorted(result.front.aliases),
                   "plane": [str(o) for o in result.front.plane], "hypervolume": result.front.hypervolume,
                   "trials": len(result.grid), "study": len(result.study.trials), "changed": changed,
-                  "uri_set": mlflow.is_tracking_uri_set(), "refused": refused,
+                  "uri_kept": (mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None) == uri_before,
+                  "refused": refused,
                   "rung": json.loads((result.path / "stopping.json").read_text())["rungs"]["1"]}))
 """
 
@@ -471,6 +473,6 @@ def test_the_python_api_runs_the_quickstart_from_a_script(tmp_path):
     assert got["hypervolume"] > 0 and got["study"] >= 2, got
     assert got["changed"] == [], got["changed"]
     assert len(got["rung"]) == 2 and all(0 <= a <= 1 and ms > 0 for a, ms in got["rung"].values())  # predicted
-    assert got["uri_set"] is False and "experiment file nope.toml not found" in got["refused"]
+    assert got["uri_kept"] and "experiment file nope.toml not found" in got["refused"]
     versions = MlflowClient(uri).search_model_versions("name='quickstart'")
     assert len(versions) >= 1 and "hypervolume" in r.stdout  # three objectives register models
