@@ -10,6 +10,7 @@ kept): the sweep table is decoded here and nowhere else.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,7 @@ def last(result: Any) -> TrialReport:
     """A finished trial's last report (a ``ray.tune.Result``); an errored trial says why."""
     report = of(result.metrics or {}, result.config, error=str(result.error) if result.error else None)
     if report.trial_id == "?" and result.path:  # a trial that never reported: its directory names it
-        report = TrialReport(Path(result.path).name, report.config, report.phase, report.metrics, None, report.error)
+        report = dataclasses.replace(report, trial_id=Path(result.path).name)
     return report
 
 
