@@ -13,8 +13,9 @@ and the equal-compute dense one); a trial stopped at epoch e costs e.
 Early stopping is ``tuning.stopping.verdict`` itself: at rungs 1, 2, 4, 8 each trial predicts
 its no-retrain point at its own (method, ratio) with the accuracy its curve has reached, and is
 stopped when another trial's point at the rung dominates it by ``MARGIN`` or it is not in the best
-1/eta of the rung. Stopped trials are told to Optuna as pruned; completed ones with sweep
-feedback (the default design). Scored: the hypervolume of the deployable points of the
+1/eta of the rung. Stopped trials are told to Optuna as pruned, and their predicted point at the
+rung is added as evidence at their params (``tuning.space.SweepFeedbackSearch._tell_predicted``);
+completed ones with sweep feedback (the default design). Scored: the hypervolume of the deployable points of the
 completed trials (``tuning.pareto.hypervolume_2d``, reference accuracy 0, ``REF_MS`` ms).
 
 The stop rule (``tuning.stopping.StopRule``: no relative hypervolume gain above ``--tolerance``
@@ -69,10 +70,13 @@ def run(strategy: str, seed: int, budget_epochs: int, sur: Surrogate, planned: i
     for i in range(max_trials):
         trial = study.ask(space)
         result = train_and_sweep(sur, spec, trial.params, seed, i)
-        stopped_at = _early_stop(result, sur, seed, i, rungs) if strategy.endswith("+es") else None
+        stopped_at, predicted = _early_stop(result, sur, seed, i, rungs) if strategy.endswith("+es") else (None, None)
         if stopped_at is not None:
             spent += stopped_at
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            if strategy != "random":  # the searcher's _tell_predicted: the point it was heading to
+                study.add_trial(optuna.trial.create_trial(
+                    params=trial.params, distributions={k: space[k] for k in trial.params}, values=list(predicted)))
         else:
             spent += FULL
             study.tell(trial, [result[m] for m in METRICS])
@@ -88,8 +92,9 @@ def run(strategy: str, seed: int, budget_epochs: int, sur: Surrogate, planned: i
     return pd.DataFrame(rows)
 
 
-def _early_stop(result: dict, sur: Surrogate, seed: int, index: int, rungs: dict) -> int | None:
-    """The epoch ``tuning.stopping.verdict`` stops this trial at, or None."""
+def _early_stop(result: dict, sur: Surrogate, seed: int, index: int, rungs: dict) -> tuple[int | None, tuple | None]:
+    """The epoch ``tuning.stopping.verdict`` stops this trial at and its predicted point there, or
+    (None, None)."""
     lr, method, ratio = result["lr"], result["method"], result["prune_ratio"]
     offset = float(np.random.default_rng([seed, index]).normal(0.0, 0.3))
     final, latency = sur.point(lr, method, ratio, offset)
@@ -98,8 +103,8 @@ def _early_stop(result: dict, sur: Surrogate, seed: int, index: int, rungs: dict
         why = stopping.verdict(point, seen, MARGIN, ETA)
         seen.append(point)
         if why:
-            return epoch
-    return None
+            return epoch, point
+    return None, None
 
 
 def at(df: pd.DataFrame, epochs: int) -> float:

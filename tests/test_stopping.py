@@ -1,6 +1,7 @@
 """tuning.stopping: the early-stopping rule on constructed reports, and on a real (tiny) Tune
 experiment with the search's own searcher (an Optuna RDB study), MLflow tracker and scheduler:
-a dominated trial is stopped at its rung, Optuna records it pruned, MLflow tags it stopped, a
+a dominated trial is stopped at its rung, Optuna records it pruned (and its predicted point as
+evidence), MLflow tags it stopped, a
 restored experiment does not restart it, and the stop rule ends a search."""
 from __future__ import annotations
 
@@ -116,8 +117,12 @@ def test_a_stopped_trial_is_pruned_in_optuna_tagged_in_mlflow_and_stays_stopped(
     finally:
         ray.shutdown()
     study = optuna.load_study(study_name="stops", storage=f"sqlite:///{exp_dir / STUDY_FILE}")
-    states = {t.params["prune_ratio"]: t.state for t in study.trials}
+    states = {t.params["prune_ratio"]: t.state for t in study.trials if "source" not in t.user_attrs}
     assert states[0.7] == optuna.trial.TrialState.PRUNED and states[0.1] == optuna.trial.TrialState.COMPLETE
+    # the sampler learns where the stopped trial was heading: its predicted point, at its own params
+    told = [(t.params["prune_ratio"], t.values, t.user_attrs["epoch"]) for t in study.trials
+            if t.user_attrs.get("source") == "predicted"]
+    assert told == [(0.7, [pytest.approx(0.3), 1.0], 1)]
     client = MlflowClient(uri)
     tags = {r.data.params.get("prune_ratio"): r.data.tags.get(STATUS_TAG)
             for r in runs.child_runs(client, tracker.experiment_id, tracker.parent_id).values()}

@@ -60,7 +60,9 @@ class TrialReport:
 
 def of(result: Mapping[str, Any], config: Mapping[str, Any] | None = None, error: str | None = None) -> TrialReport:
     """The report in one result dict as Tune passes it (``config``: the trial's, when the dict
-    lacks it)."""
+    lacks it; a searcher's dict holds it flattened, as ``config/<key>``)."""
+    if config is None and "config" not in result:
+        config = {k.removeprefix("config/"): v for k, v in result.items() if k.startswith("config/")}
     metrics = {k: v for k, v in result.items()
                if k not in ("config", SWEEP_TABLE) and not (v is None or isinstance(v, float) and math.isnan(v))}
     phase = str(metrics.pop(PHASE, UNKNOWN))

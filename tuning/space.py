@@ -3,7 +3,9 @@
 - :func:`optuna_space`: ``lr`` log-uniform in ``[lr_min, lr_max]``, ``prune_ratio`` uniform in
   ``[ratio_min, ratio_max]``, ``method`` among the ``[sweep] methods`` when searched, ``int8``
   when the sweep measures INT8.
-- :func:`make_sampler`: multivariate TPE (default), Gaussian-process BO (``gp``), NSGA-II or random, seeded.
+- :func:`make_sampler`: Gaussian-process BO (``gp``, the default: it reaches a 20-trial TPE search's
+  hypervolume in 44% of the trial-epochs, 40% with early stopping; BENCHMARKS.md), multivariate
+  TPE, NSGA-II or random, seeded.
 - :class:`SweepFeedbackSearch`: Ray's ``OptunaSearch``, multi-objective, its study in the
   experiment directory (``optuna.db``, so ``prunetune resume`` keeps it). When a trial
   completes, every other point of its sweep is added to the study as a completed trial with
@@ -24,6 +26,7 @@ import pandas as pd
 from ray.tune.search.optuna import OptunaSearch
 
 from trainables import compress
+from trainables.names import TRAIN
 from tuning import report
 from tuning.front import Rules
 from tuning.names import STUDY_FILE
@@ -116,15 +119,19 @@ class SweepFeedbackSearch(OptunaSearch):
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         done = report.of(result) if result else None
+        stopped = None
         if done is not None and done.values(self.metrics) is None:
             # diverged or early-stopped: no objectives, so Optuna records it as pruned (Ray's
             # OptunaSearch would try to tell [None, None] as COMPLETE and leave it RUNNING)
+            stopped = done if done.phase == TRAIN else None
             result = done = None
         if self.budgets is not None:
             if done is not None and done.metrics.get("dense_accuracy") is not None:
                 self.budgets.dense_accuracy = max(self.budgets.dense_accuracy, done.metrics["dense_accuracy"])
             self.budgets.current = done
         super().on_trial_complete(trial_id, result, error)
+        if stopped is not None:
+            self._tell_predicted(trial_id, stopped)
         if not self.feedback or done is None or done.points is None:
             return
         for params, values, row in sweep_evidence(done.points, done.metrics, self.space, self.metrics, self.curve):
@@ -135,6 +142,25 @@ class SweepFeedbackSearch(OptunaSearch):
                 params=params, distributions={k: self.space[k] for k in params}, values=values,
                 user_attrs={"source": "sweep", "ray_trial_id": trial_id}, system_attrs=attrs,
             ))
+
+    def _tell_predicted(self, trial_id: str, stopped: TrialReport) -> None:
+        """An early-stopped trial stays pruned in the study, and its predicted point at the rung it
+        stopped at (``predicted_accuracy``, ``predicted_latency_ms``) is added as evidence at its
+        own params (``source = predicted``): GP learns only from completed trials, so without it
+        GP proposes the region it was just stopped in again and again (BENCHMARKS.md, early
+        stopping). Told only when every objective is one a prediction measures."""
+        row = {k.removeprefix("predicted_"): v for k, v in stopped.metrics.items() if k.startswith("predicted_")}
+        values = [row.get(m) for m in self.metrics]
+        params = {k: stopped.config[k] for k in self.space if k in stopped.config}
+        if any(v is None for v in values) or len(params) < len(self.space):
+            return
+        attrs = {}
+        if self.budgets is not None and {"accuracy", "latency_ms"} <= row.keys():
+            attrs[_CONSTRAINTS_KEY] = self.budgets.values(row)
+        self.study.add_trial(optuna.trial.create_trial(
+            params=params, distributions={k: self.space[k] for k in params}, values=values,
+            user_attrs={"source": "predicted", "ray_trial_id": trial_id, "epoch": stopped.epoch}, system_attrs=attrs,
+        ))
 
 
 def sweep_evidence(table: pd.DataFrame, trial: dict[str, Any], space: Space, metrics: list[str],

@@ -47,7 +47,7 @@ class SearchConfig:
     # written ["accuracy:max", "latency_ms:min"] in a file; parsed on load
     objectives: list[Objective] = field(default_factory=lambda: [Objective("accuracy", "max"),
                                                                  Objective("latency_ms", "min")])
-    sampler: Literal["tpe", "gp", "nsga2", "random", "grid"] = "tpe"  # grid: grid_lrs x [sweep] ratios
+    sampler: Literal["gp", "tpe", "nsga2", "random", "grid"] = "gp"  # gp by measurement; grid: grid_lrs x ratios
     grid_lrs: list[float] = field(default_factory=list)
     seed: int = 0
     finetune_epochs: int = 2  # the trial's own point: pruned, then fine-tuned (distilled) this many epochs; 0 = off
