@@ -89,6 +89,30 @@ def auth_mlflow(tmp_path_factory):
     server.stop()
 
 
+def need_postgres() -> None:
+    """Skip the test where PostgreSQL's server programs are not installed, unless
+    PRUNETUNE_REQUIRE_POSTGRES=1 (`.ci/run` installs them and sets it): then fail it."""
+    from servers import postgres_bin
+
+    if postgres_bin() is None:
+        message = "PostgreSQL's server programs (initdb, pg_ctl) are not installed (apt-get install postgresql)"
+        if os.environ.get("PRUNETUNE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server for the session (servers.PostgresServer: ``.url()`` with the
+    password, ``.admin()``), with role and database ``optuna``; see :func:`need_postgres`."""
+    from servers import PostgresServer
+
+    need_postgres()
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run on one thread: avoids OpenMP oversubscription when other jobs share the cores."""

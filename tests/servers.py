@@ -1,18 +1,24 @@
-"""Real server processes for tests: an MLflow tracking server (SQLite backend) and a Ray
-cluster of several nodes on loopback (`ray start --head` + `ray start --address`). Each
-starts and stops its own processes."""
+"""Real server processes for tests: an MLflow tracking server (SQLite backend), a Ray
+cluster of several nodes on loopback (`ray start --head` + `ray start --address`), an
+S3-compatible object store (moto_server) and a throwaway PostgreSQL server (`initdb` + `pg_ctl`).
+Each starts and stops its own processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pwd
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, Iterator
 
 BIN = Path(sys.executable).parent  # ray, mlflow, prunetune of this environment
 
@@ -40,9 +46,12 @@ class MlflowServer:
     authentication (``--app-name basic-auth``) with a random admin password: ``credentials``
     is the environment a client needs."""
 
-    def __init__(self, workdir: Path, auth: bool = False, backend: str | None = None) -> None:
+    def __init__(self, workdir: Path, auth: bool = False, backend: str | None = None, artifacts: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.backend = backend or f"sqlite:///{workdir}/server.db"
+        self.artifacts = artifacts or str(workdir / "artifacts")  # --artifacts-destination: a directory or s3://...
+        self.env = env or {}  # the server's own (an object store's credentials)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -67,10 +76,10 @@ class MlflowServer:
         extra = ["--app-name", "basic-auth"] if self.auth else []
         self.proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", *extra, "--backend-store-uri", self.backend,
-             "--artifacts-destination", str(self.workdir / "artifacts"), "--host", "127.0.0.1",
+             "--artifacts-destination", self.artifacts, "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True,
-            env={**env, **(self._auth_env() if self.auth else {})})
+            env={**env, **self.env, **(self._auth_env() if self.auth else {})})
 
         def healthy() -> bool:
             try:
@@ -80,6 +89,68 @@ class MlflowServer:
 
         wait_for(healthy, "mlflow server start", 120, log)
         return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+class S3Server:
+    """An S3-compatible object store on loopback (moto's ``moto_server``) that checks credentials:
+    its first requests (free, before authentication is enforced) create an IAM user with a key
+    that may do anything and the bucket ``bucket``; ``env`` is what a client needs (the standard
+    AWS variables, the endpoint in ``AWS_ENDPOINT_URL``)."""
+
+    FREE_REQUESTS = 4  # create_user, put_user_policy, create_access_key, create_bucket
+
+    def __init__(self, workdir: Path, bucket: str = "prunetune") -> None:
+        self.workdir, self.bucket, self.port = workdir, bucket, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
+
+    def start(self) -> "S3Server":
+        import boto3
+
+        log = self.workdir / "moto-server.log"
+        env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(self.FREE_REQUESTS)}
+        self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+        def up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return True
+            except OSError:
+                return False
+
+        wait_for(up, "moto_server start", 60, log)
+        anon = dict(endpoint_url=self.url, region_name="us-east-1", aws_access_key_id="bootstrap",
+                    aws_secret_access_key="bootstrap")
+        iam = boto3.client("iam", **anon)
+        iam.create_user(UserName="prunetune")
+        iam.put_user_policy(UserName="prunetune", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="prunetune")["AccessKey"]
+        boto3.client("s3", **anon).create_bucket(Bucket=self.bucket)
+        self.env = {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                    "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"], "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+        return self
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every object key under ``prefix`` in the bucket."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -192,3 +263,96 @@ def _is_raylet(proc_dir: Path, manager_port: int) -> bool:
     except OSError:
         return False
     return bool(cmd) and cmd[0].endswith(b"/raylet") and f"--node_manager_port={manager_port}".encode() in cmd
+
+
+def postgres_bin() -> Path | None:
+    """The directory of PostgreSQL's server programs (``initdb``, ``pg_ctl``, ``postgres``): the one
+    ``initdb`` on PATH is in (links followed), else Debian's newest ``/usr/lib/postgresql/*/bin``;
+    None when they are not installed."""
+    on_path = shutil.which("initdb")
+    found = [Path(on_path).resolve().parent] if on_path else []
+    found += sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True,
+                    key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else 0)
+    return next((d for d in found if (d / "initdb").is_file() and (d / "pg_ctl").is_file()), None)
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL server: ``initdb`` into a temp dir, ``postgres`` on a free loopback port
+    (``listen_addresses=127.0.0.1``) with its socket in that dir, and a login role ``user`` with a
+    random password owning a database of the same name: :meth:`url` is what a search is given.
+    Over TCP every role needs its password (scram-sha-256); the superuser (the OS user the server
+    runs as) is trusted on the socket only (:meth:`admin`). initdb and postgres refuse to run as
+    root, as the tests and CI do: then they run as the ``postgres`` system user, else ``nobody``
+    (``runuser``), which owns the temp dir. stop() ends the server and removes the dir."""
+
+    def __init__(self, user: str = "optuna") -> None:
+        self.bin = postgres_bin()
+        assert self.bin is not None, "PostgreSQL's server programs are not installed"
+        self.port = free_port()
+        self.user, self.database, self.password = user, user, secrets.token_hex(12)
+        self.os_user = _unprivileged_user() if os.geteuid() == 0 else None
+        self.superuser = self.os_user or pwd.getpwuid(os.geteuid()).pw_name
+        self.workdir = Path(tempfile.mkdtemp(prefix="prunetune-pg-"))  # in /tmp: pytest's dirs are root's only
+        self.data, self.socket_dir = self.workdir / "data", self.workdir / "socket"
+        self.log = self.workdir / "server.log"
+
+    def url(self, password: str | None = None, port: int | None = None) -> str:
+        """The database's URL for the role, with its password (or ``password``; "" for none)."""
+        password = self.password if password is None else password
+        auth = f"{self.user}:{password}" if password else self.user
+        return f"postgresql://{auth}@127.0.0.1:{port or self.port}/{self.database}"
+
+    def start(self) -> "PostgresServer":
+        self.socket_dir.mkdir()
+        if self.os_user:
+            entry = pwd.getpwnam(self.os_user)
+            for path in (self.workdir, self.socket_dir):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self._run("initdb", "-D", str(self.data), "--auth-local=trust", "--auth-host=scram-sha-256",
+                  "--encoding=UTF8", "--no-sync")
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.socket_dir} "
+                   "-c fsync=off")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+        from psycopg import sql
+
+        with self.admin() as cur:
+            cur.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(self.user),
+                                                                          sql.Literal(self.password)))
+            cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(self.database),
+                                                                     sql.Identifier(self.user)))
+        return self
+
+    @contextlib.contextmanager
+    def admin(self) -> Iterator[Any]:
+        """A cursor of the superuser on the server's socket (autocommit)."""
+        import psycopg
+
+        with psycopg.connect(host=str(self.socket_dir), port=self.port, user=self.superuser, dbname="postgres",
+                             autocommit=True) as conn, conn.cursor() as cur:
+            yield cur
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").is_file():
+            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _run(self, program: str, *args: str) -> None:
+        argv = [str(self.bin / program), *args]
+        if self.os_user:
+            argv = ["runuser", "-u", self.os_user, "--", *argv]
+        r = subprocess.run(argv, cwd=self.workdir, capture_output=True, text=True, timeout=120)
+        if r.returncode:
+            log = self.log.read_text()[-2000:] if self.log.is_file() else ""
+            raise RuntimeError(f"{program} {' '.join(args)} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}\n{log}")
+
+
+def _unprivileged_user() -> str:
+    """The system user PostgreSQL runs as here: ``postgres`` if there is one, else ``nobody``."""
+    for name in ("postgres", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    raise RuntimeError("no unprivileged user (postgres, nobody) to run PostgreSQL as")
+

@@ -123,10 +123,22 @@ def test_compose_postgres_backend_and_healthchecks(compose):
     assert mlflow_server_envvars()["MLFLOW_BACKEND_STORE_URI"] == "--backend-store-uri"
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    # artifacts on a volume of their own, where --artifacts-destination points
-    assert any(v.endswith(":" + server["--artifacts-destination"]) for v in services["mlflow"]["volumes"])
-    # the image serving MLflow can talk to PostgreSQL
-    assert re.search(r"^psycopg2-binary==", (DOCKER / "requirements.txt").read_text(), re.M)
+    # artifacts on a volume of their own by default, where --artifacts-destination points (`mlflow server` reads
+    # it from a variable a user sets to s3://... for an object store); the store's credentials pass through
+    # from the environment of `docker compose`, never written in the file
+    env = services["mlflow"]["environment"]
+    variable, default = re.fullmatch(r"\$\{(\w+):-(.+)\}", env["MLFLOW_ARTIFACTS_DESTINATION"]).groups()
+    assert mlflow_server_envvars()[variable] == "--artifacts-destination" and "--artifacts-destination" not in server
+    assert any(v.endswith(":" + default) for v in services["mlflow"]["volumes"])
+    assert all(env[k] is None for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_S3_ENDPOINT_URL"))
+    # the image talks to PostgreSQL (MLflow's store, the Optuna study) with the driver SQLAlchemy takes for
+    # postgresql:// (psycopg 3 since SQLAlchemy 2.1), pinned with its binary build
+    from sqlalchemy.engine import make_url
+
+    driver = make_url("postgresql://").get_dialect().driver
+    assert importlib.util.find_spec(driver) is not None
+    for name in (driver, f"{driver}-binary"):
+        assert re.search(rf"^{name}==", (DOCKER / "requirements.txt").read_text(), re.M), name
 
 
 def test_compose_shared_storage_gpus_and_auth(compose):
@@ -143,8 +155,72 @@ def test_compose_shared_storage_gpus_and_auth(compose):
         assert s["environment"]["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" in s["environment"]
     # the environment variables are the ones the package reads
     source = "".join(p.read_text() for p in (REPO / "tuning").glob("*.py"))
-    for name in ("MLFLOW_TRACKING_URI", "PRUNETUNE_STORAGE_PATH", "RAY_ADDRESS"):
+    for name in ("MLFLOW_TRACKING_URI", "PRUNETUNE_STORAGE_PATH", "PRUNETUNE_STUDY_STORAGE", "RAY_ADDRESS"):
         assert f'"{name}"' in source, name
+
+
+def test_compose_study_database(compose):
+    """The Optuna study: on the head and every worker PRUNETUNE_STUDY_STORAGE points at the compose
+    postgres service, with a role and database of its own (not MLflow's), its password a required
+    variable of the host's environment that the postgres service gets too, for the init script it
+    mounts where postgres runs such scripts."""
+    from tuning import studies
+
+    services = compose["services"]
+    head, worker, pg = services["ray-head"], services["ray-worker"], services["postgres"]
+    url = head["environment"][studies.ENV]
+    assert worker["environment"][studies.ENV] == url
+    m = re.fullmatch(r"postgresql://(\w+):(\$\{[^}]+\})@postgres:5432/(\w+)", url)
+    assert m, url
+    user, password, database = m.groups()
+    assert user != pg["environment"]["POSTGRES_USER"] and database != pg["environment"]["POSTGRES_DB"]
+    assert required_from_env(password) == "OPTUNA_DB_PASSWORD"
+    assert required_from_env(pg["environment"]["OPTUNA_DB_PASSWORD"]) == "OPTUNA_DB_PASSWORD"
+    assert studies.problem(url.replace(password, "secret")) is None
+    assert "export POSTGRES_PASSWORD=$(openssl rand -hex 16) OPTUNA_DB_PASSWORD=$(openssl rand -hex 16)" in (
+        DOCKER / "compose.yaml").read_text()
+    (script,) = [v.split(":")[0] for v in pg["volumes"] if v.split(":")[1].startswith("/docker-entrypoint-initdb.d/")]
+    assert (DOCKER / script).is_file() and script.endswith(".sh")
+
+
+def test_postgres_init_script_creates_the_study_role_and_database(compose, tmp_path):
+    """docker/postgres-init.sh run for real as postgres's entrypoint runs it (psql as POSTGRES_USER on
+    the socket, the service's environment), on a server standing for the compose one: the role and
+    database of PRUNETUNE_STUDY_STORAGE, reachable over TCP with the password from the environment
+    only, kept out of MLflow's database; run again, it sets the new password."""
+    import shutil
+
+    import psycopg
+
+    from conftest import need_postgres
+    from servers import PostgresServer
+    from tuning import studies
+
+    need_postgres()
+    pg = compose["services"]["postgres"]
+    url = compose["services"]["ray-head"]["environment"][studies.ENV]
+    user, database = re.fullmatch(r"postgresql://(\w+):\$\{[^}]+\}@postgres:5432/(\w+)", url).groups()
+    (script,) = [v.split(":")[0] for v in pg["volumes"] if "/docker-entrypoint-initdb.d/" in v]
+    server = PostgresServer(user=pg["environment"]["POSTGRES_USER"]).start()  # MLflow's role and database
+    try:
+        psql = shutil.which("psql") or str(server.bin / "psql")
+        for password in ("first-password-1", "second-password-2"):
+            env = {"PATH": f"{Path(psql).parent}:/usr/bin:/bin", "PGHOST": str(server.socket_dir),
+                   "PGPORT": str(server.port), "POSTGRES_USER": server.superuser,
+                   "POSTGRES_DB": pg["environment"]["POSTGRES_DB"], "OPTUNA_DB_PASSWORD": password}
+            r = subprocess.run(["bash", str(DOCKER / script)], env=env, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            study_url = f"postgresql://{user}:{password}@127.0.0.1:{server.port}/{database}"
+            with psycopg.connect(study_url) as conn:
+                owner = conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = %s",
+                                     (database,)).fetchone()[0]
+            assert owner == user
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(study_url.replace("second-password-2", "first-password-1"))
+        with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+            psycopg.connect(study_url.rsplit("/", 1)[0] + "/" + pg["environment"]["POSTGRES_DB"])
+    finally:
+        server.stop()
 
 
 def required_from_env(value: str) -> str:

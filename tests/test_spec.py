@@ -96,7 +96,8 @@ def test_round_trip(tmp_path):
     assert spec_mod.from_dict(spec.to_dict()).to_dict() == spec.to_dict()
 
 
-def test_storage_path_default_from_env_and_uris_refused(tmp_path, monkeypatch):
+def test_storage_path_default_from_env_and_object_stores_need_a_study_database(tmp_path, monkeypatch):
+    monkeypatch.delenv("PRUNETUNE_STUDY_STORAGE", raising=False)
     monkeypatch.setenv("PRUNETUNE_STORAGE_PATH", str(tmp_path / "shared"))
     assert spec_mod.from_dict({}).search.storage_path == str(tmp_path / "shared")
     # a file that sets it wins over the environment
@@ -104,8 +105,12 @@ def test_storage_path_default_from_env_and_uris_refused(tmp_path, monkeypatch):
         tmp_path / "mine")
     monkeypatch.delenv("PRUNETUNE_STORAGE_PATH")
     assert spec_mod.from_dict({}).search.storage_path == str(Path("ray_results").resolve())
-    with pytest.raises(SpecError, match="storage_path 's3://bucket/x': object store URIs are not supported"):
+    # an object store has no file system for the study's optuna.db: it needs a database server
+    with pytest.raises(SpecError, match="storage_path 's3://bucket/x' is an object store, where the Optuna study "
+                                        "cannot be a SQLite file: give the study a database server"):
         spec_mod.from_dict({"search": {"storage_path": "s3://bucket/x"}})
+    spec = spec_mod.from_dict({"search": {"storage_path": "s3://bucket/x", "study_storage": "postgresql://o@db/o"}})
+    assert spec.search.storage_path == "s3://bucket/x"
 
 
 def test_objectives_are_parsed_on_load_and_written_back(tmp_path):

@@ -71,8 +71,17 @@ class TrackingError(InputError, ConnectionError):
     """The MLflow tracking store cannot be reached or used."""
 
 
+class StudyError(InputError, ConnectionError):
+    """The Optuna study's database cannot be reached or used; the message names it without its password."""
+
+
 class ClusterError(InputError, ConnectionError):
     """The Ray cluster cannot be reached, or its nodes cannot run the search as asked."""
+
+
+class StorageError(InputError, ConnectionError):
+    """``[search] storage_path`` on an object store that cannot be used as given: an unreachable
+    endpoint, a missing bucket, refused credentials; the message names the fix."""
 
 
 class SubmitError(InputError, ValueError):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Callable
 from trainables import compress
 from trainables.errors import SpecError
 from trainables.model import check as check_model
+from tuning import studies
 
 if TYPE_CHECKING:
     from tuning.spec import Spec
@@ -90,9 +91,7 @@ def _search(spec: Spec, need: Callable[[bool, str], None]) -> None:
     need(q.register_models >= 0, "[search] register_models must be >= 0 (0 = register none)")
     need(0 < q.lr_min <= q.lr_max, f"[search] need 0 < lr_min <= lr_max, got {q.lr_min}, {q.lr_max}")
     need(0.0 <= q.ratio_min <= q.ratio_max < 1.0, "[search] need 0 <= ratio_min <= ratio_max < 1")
-    need("://" not in q.storage_path, f"[search] storage_path {q.storage_path!r}: object store URIs are not "
-         "supported (the Optuna study and tables live beside the results); use a filesystem path, on a cluster "
-         "one shared by every node (NFS, a shared volume)")
+    _study_storage(spec, need)
     need(q.cpus_per_trial > 0 and q.gpus_per_trial >= 0, "[search] cpus_per_trial must be > 0, gpus_per_trial >= 0")
     need(q.sampler != "grid" or bool(q.grid_lrs), "[search] sampler = 'grid' needs grid_lrs = [...]")
     need(bool(q.objectives), "[search] objectives must not be empty")
@@ -109,3 +108,17 @@ def _search(spec: Spec, need: Callable[[bool, str], None]) -> None:
     need(not q.hypervolume_reference or len(q.hypervolume_reference) == len(q.objectives),
          f"[search] hypervolume_reference has {len(q.hypervolume_reference)} values for {len(q.objectives)} "
          "objectives: give one per objective, in their order (e.g. [0.0, 20.0] for accuracy:max, latency_ms:min)")
+
+
+def _study_storage(spec: Spec, need: Callable[[bool, str], None]) -> None:
+    """``[search] study_storage`` is a URL Optuna can keep a study in; results in an object store need
+    one of a database server (the SQLite file ``optuna.db`` needs a file system; a grid has no study)."""
+    q = spec.search
+    where = ("[search] study_storage" if "search.study_storage" in spec.given
+             else f"${studies.ENV} ([search] study_storage's default)")
+    wrong = studies.problem(q.study_storage)
+    need(wrong is None, f"{where} {wrong}")
+    need("://" not in q.storage_path or q.sampler == "grid" or studies.is_server(q.study_storage),
+         f"[search] storage_path {q.storage_path!r} is an object store, where the Optuna study cannot be a SQLite "
+         f"file: give the study a database server, {studies.HOW_TO_SET}"
+         + (f" (now {studies.public(q.study_storage)!r})" if q.study_storage else ""))

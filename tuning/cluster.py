@@ -5,7 +5,8 @@
 - :func:`connect`: ``HOST:6379`` from a cluster node, ``ray://HOST:10001`` (Ray Client) from
   outside, else a local Ray; Tune's settings (:data:`TUNE_ENV`) go where its controller runs.
 - :func:`check_storage`: on several nodes, every node must see ``storage_path`` (trial
-  checkpoints are read back wherever a trial restarts); probed from a task on each node.
+  checkpoints are read back wherever a trial restarts); probed from a task on each node. An
+  object store is written and read by this process and by a task on every node.
 - :func:`check_target`: a ``[search] latency_target`` names a resource some alive node has.
 - :func:`slots`: how many trials the connected cluster runs at once.
 """
@@ -18,7 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
-from trainables.errors import ClusterError, SpecError
+from trainables.errors import ClusterError, SpecError, StorageError
+from tuning import storage
 from tuning.spec import SearchConfig
 
 # Tune settings for the process that runs Tune's controller (the driver, for the search's
@@ -101,6 +103,8 @@ def check_storage(storage_path: str) -> None:
     import ray
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
+    if storage.is_remote(storage_path):
+        return _check_object_store(storage_path, nodes)
     if len(nodes) < 2:
         return
     marker = Path(storage_path) / f".prunetune-probe-{uuid.uuid4().hex}"
@@ -123,6 +127,38 @@ def check_storage(storage_path: str) -> None:
             "shared filesystem (NFS, a shared volume) at the same path on every node and point at it: "
             "--set search.storage_path=/shared/ray_results or PRUNETUNE_STORAGE_PATH")
     print(f"storage: {storage_path} is shared by all {len(nodes)} nodes", flush=True)
+
+
+def _check_object_store(uri: str, nodes: list[dict]) -> None:
+    """An object store: this process and a task on every alive node write, read back and delete a
+    marker there (each node needs the store's credentials and address in its own environment).
+    Raises StorageError with the first node's reason, ClusterError naming nodes that did not answer."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    storage.probe(uri)
+
+    @ray.remote(num_cpus=0)
+    def probe(u: str) -> str | None:
+        try:
+            storage.probe(u)
+        except StorageError as e:
+            return str(e)
+        return None
+
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(uri)
+            for n in nodes]
+    answered, _ = ray.wait(refs, num_returns=len(refs), timeout=_PROBE_TIMEOUT_S)
+    name = [f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n in nodes]
+    silent = [name[i] for i, r in enumerate(refs) if r not in answered]
+    if silent:
+        raise ClusterError(f"{len(silent)} of {len(nodes)} nodes did not answer the storage_path check within "
+                           f"{_PROBE_TIMEOUT_S} s ({', '.join(silent)}); check them with `ray status` and try again")
+    failed = [(name[i], why) for i, r in enumerate(refs) if (why := ray.get(r))]
+    if failed:
+        raise StorageError(f"{len(failed)} of {len(nodes)} nodes cannot use the object store ({failed[0][0]}: "
+                           f"{failed[0][1]}); give every node the store's credentials and address in its environment")
+    print(f"storage: {uri} is read and written by all {len(nodes)} nodes", flush=True)
 
 
 def _sees_on_each(nodes: list[dict], path: str) -> list[bool | None]:

@@ -258,6 +258,9 @@ def leave_job_dir(storage_path: str) -> None:
         os.environ.update(json.loads(secret.read_text())["env"])
         secret.unlink()
     _keep_working_dir_from_trials()
+    if "://" in storage_path:  # an object store: nothing of the search stays in the job's directory
+        os.chdir(Path.home())
+        return
     storage, scratch = Path(storage_path).resolve(), _ray_temp_dir(job_dir)
     if scratch is not None and (storage == scratch or scratch in storage.parents):
         raise SubmitError(f"search.storage_path {storage} is inside {scratch}, the job's scratch space, which Ray "

@@ -143,7 +143,8 @@ def _on_a_quiet_node(jobs: list[Job], spec: Spec, test: data.Split) -> dict[str,
     task = ray.remote(time_quietly).options(
         num_cpus=cpus, scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
     s = spec.sweep
-    ref = task.remote(jobs, s.latency_threads, max(QUIET_RUNS, s.latency_runs), max(s.latency_warmup, 10), test)
+    files = {path: Path(path).read_bytes() for _, _, path in jobs}  # read here: the node may not see this disk
+    ref = task.remote(jobs, files, s.latency_threads, max(QUIET_RUNS, s.latency_runs), max(s.latency_warmup, 10), test)
     try:
         return ray.get(ref, timeout=TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
@@ -152,13 +153,14 @@ def _on_a_quiet_node(jobs: list[Job], spec: Spec, test: data.Split) -> dict[str,
                            f"{TIMEOUT_S} s") from None
 
 
-def time_quietly(jobs: list[Job], threads: int, runs: int, warmup: int, test: data.Split) -> dict[str, dict[str, Any]]:
-    """Load every job's artifact, time one per architecture (all interleaved; the noisy ones again)
-    and run the checked ones over ``test``. Returns ``{"latency": arch -> statistics, "checks":
+def time_quietly(jobs: list[Job], files: dict[str, bytes], threads: int, runs: int, warmup: int,
+                 test: data.Split) -> dict[str, dict[str, Any]]:
+    """Load every job's artifact (``files``: their bytes, read by the driver), time one per
+    architecture (all interleaved; the noisy ones again) and run the checked ones over ``test``. Returns ``{"latency": arch -> statistics, "checks":
     key -> {"test_accuracy", "labels"}}``."""
     import ray
 
-    loaded = {path: ort.OrtModel(Path(path).read_bytes(), threads, Path(path).name) for _, _, path in jobs}
+    loaded = {path: ort.OrtModel(files[path], threads, Path(path).name) for _, _, path in jobs}
     timed = {key: loaded[path] for what, key, path in jobs if what == "arch"}
     kw = dict(threads=threads, runs=runs, warmup=warmup, rounds=ROUNDS)
     stats = measure.interleaved_latency(timed, **kw) if timed else {}

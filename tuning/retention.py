@@ -31,7 +31,7 @@ import pandas as pd
 
 from trainables.names import CHECKPOINT_FILE, DIVERGED, DONE
 from tuning.names import CHECKPOINT_DIR, CHECKPOINT_TAG, KIND_TAG, REMOVED, STATUS_TAG, TRIAL
-from tuning import runs
+from tuning import runs, storage
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -79,7 +79,7 @@ def apply(spec: Spec, res: SearchResult, tracker: MlflowTracking | None) -> Plan
                   file=sys.stderr, flush=True)
             return None
     dirs = res.trials.set_index("trial_id").loc[todo.remove, "trial_dir"] if todo.remove else []
-    freed = sum(_remove(Path(d)) for d in dirs)
+    freed = sum(storage.remove_checkpoints(d) if storage.is_remote(d) else _remove(Path(d)) for d in dirs)
     other = ('keep_checkpoints = "front" keeps only those' if keep == "all" else
              'keep_checkpoints = "all" keeps every one')
     logged = " and logged to MLflow" if tracker is not None else ""

@@ -34,6 +34,11 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 # MLflow's client, while a search runs (unless the caller set them): a server that went away is
 # a warning and a back-fill later (tuning.tracking), not minutes of retries that stall the trials
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# every command's MLflow client (unless the caller set it): artifacts stream through the tracking
+# server. With its artifacts on an object store, MLflow 3's client otherwise downloads them from the
+# store itself by presigned URL, and a store the server reaches at an address this machine cannot
+# (http://minio:9000 inside a cluster) stalls the download in retries for minutes
+ARTIFACT_ENV = {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
 # what MLflow's client sends to a server with authentication (basic auth, or a bearer token);
 # read from the environment, never from a URI, never printed
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")

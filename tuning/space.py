@@ -7,7 +7,8 @@
   hypervolume in 44% of the trial-epochs, 40% with early stopping; BENCHMARKS.md), multivariate
   TPE, NSGA-II or random, seeded.
 - :class:`SweepFeedbackSearch`: Ray's ``OptunaSearch``, multi-objective, its study in the
-  experiment directory (``optuna.db``, so ``prunetune resume`` keeps it). When a trial
+  experiment directory (``optuna.db``, so ``prunetune resume`` keeps it) or in the database of
+  ``[search] study_storage`` (:mod:`tuning.studies`). When a trial
   completes, every other point of its sweep is added to the study as a completed trial with
   its own (lr, prune_ratio[, method, int8]) and objective values (:func:`sweep_evidence`): one
   training gives the sampler a whole curve of evidence, not one point.
@@ -27,7 +28,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from trainables import compress
 from trainables.names import TRAIN
-from tuning import report
+from tuning import report, studies
 from tuning.front import Rules
 from tuning.names import STUDY_FILE
 from tuning.pareto import Objective
@@ -200,23 +201,27 @@ def end_study(spec: Spec, exp_dir: Path) -> optuna.Study | None:
     """The search's Optuna study once every trial has ended (None for a grid search). A study trial
     still RUNNING was asked for by a driver that died before Tune recorded its trial (the resumed
     search went on without it): it is told FAIL, so the study says what happened."""
-    storage = exp_dir / STUDY_FILE
-    if spec.search.sampler == "grid" or not storage.is_file():
+    if spec.search.sampler == "grid" or not (spec.search.study_storage or (exp_dir / STUDY_FILE).is_file()):
         return None
-    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{storage}")
+    try:
+        study = optuna.load_study(study_name=studies.name(spec, exp_dir),
+                                  storage=studies.connect(studies.url(spec, exp_dir)))
+    except KeyError:  # a database that never got this search's study (it stopped before sampling)
+        return None
     for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     return study
 
 
 def make_searcher(spec: Spec, exp_dir: Path) -> SweepFeedbackSearch:
-    """The searcher of a new search, its study in ``exp_dir``."""
+    """The searcher of a new search, its study in ``exp_dir`` or in ``[search] study_storage``."""
     q = spec.search
-    storage = optuna.storages.RDBStorage(f"sqlite:///{exp_dir / STUDY_FILE}")
+    storage = studies.connect(studies.url(spec, exp_dir))
     rules = Rules(max_latency_ms=q.max_latency_ms, max_accuracy_drop=q.max_accuracy_drop, limits=tuple(q.limits))
     budgets = Budgets(rules) if rules.budgeted else None
-    return SweepFeedbackSearch(optuna_space(spec), q.objectives, make_sampler(spec, budgets), study_name=spec.name,
-                               storage=storage, feedback=q.sweep_feedback, budgets=budgets, curve=q.feedback_curve)
+    return SweepFeedbackSearch(optuna_space(spec), q.objectives, make_sampler(spec, budgets),
+                               study_name=studies.name(spec, exp_dir), storage=storage, feedback=q.sweep_feedback,
+                               budgets=budgets, curve=q.feedback_curve)
 
 
 @dataclass(frozen=True)
@@ -231,8 +236,8 @@ class Sampling:
 
 
 def sampling(spec: Spec, exp_dir: Path, restore: bool = False) -> Sampling:
-    """Optuna sampling ``num_samples`` trials, its study in ``exp_dir``, or with ``sampler = "grid"``
-    one trial per ``grid_lrs`` value and no searcher."""
+    """Optuna sampling ``num_samples`` trials, its study in ``exp_dir`` (or ``[search] study_storage``), or
+    with ``sampler = "grid"`` one trial per ``grid_lrs`` value and no searcher."""
     from ray import tune
 
     q, columns, methods = spec.search, list(optuna_space(spec)), own_methods(spec)

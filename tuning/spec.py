@@ -27,7 +27,7 @@ from trainables.model import ModelConfig, is_weights_file
 from trainables.errors import SpecError
 from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
-from tuning import _checks
+from tuning import _checks, studies
 from tuning.front import Limit
 from tuning.pareto import Objective
 
@@ -81,6 +81,10 @@ class SearchConfig:
     # every node sees (a shared filesystem). Default: $PRUNETUNE_STORAGE_PATH (the containers
     # set it), else ./ray_results.
     storage_path: str = field(default_factory=lambda: os.environ.get("PRUNETUNE_STORAGE_PATH") or "ray_results")
+    # the Optuna study's database, an Optuna storage URL (postgresql://optuna@db:5432/optuna); needed when
+    # storage_path is an object store. Default: $PRUNETUNE_STUDY_STORAGE, else "": optuna.db in the
+    # experiment directory. Recorded and printed without its password (tuning/studies.py)
+    study_storage: str = field(default_factory=lambda: os.environ.get("PRUNETUNE_STUDY_STORAGE", ""))
     # once the front is final: "front" keeps (and logs to MLflow) only the checkpoints of trials with a
     # point on the front and deletes the others from storage_path; "all" keeps and logs every trial's
     keep_checkpoints: Literal["front", "all"] = "front"
@@ -109,10 +113,13 @@ class Spec:
     relative: frozenset[str] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (TOML/JSON-able), the inverse of :func:`from_dict`."""
+        """Plain dict (TOML/JSON-able), the inverse of :func:`from_dict` but for one secret: what records
+        a spec writes this (the search's directory, MLflow, checkpoints), so ``study_storage`` loses
+        its password here (a resumed search takes it from the environment: :mod:`tuning.studies`)."""
         d = dataclasses.asdict(self)
         for key in ("source", "given", "relative"):
             d.pop(key)
+        d["search"]["study_storage"] = studies.public(self.search.study_storage)
         d["search"]["objectives"] = [str(o) for o in self.search.objectives]
         d["search"]["limits"] = [str(limit) for limit in self.search.limits]
         return d
@@ -233,6 +240,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
                 relative.add(f"{section}.{key}")
             setattr(sec, key, str(Path(value).expanduser().resolve()))
     spec.relative = frozenset(relative)
+    spec.search.study_storage = studies.absolute(spec.search.study_storage)
     _checks.validate(spec)
     return spec
 
@@ -279,6 +287,7 @@ def replace(spec: Spec, values: dict[str, Any], source: str) -> Spec:
     """``spec`` with ``{"section.key": value}`` set, validated exactly like a file; ``source``
     names where the values came from (e.g. a command's options) in errors."""
     raw = spec.to_dict()
+    raw["search"]["study_storage"] = spec.search.study_storage  # with its password, unlike a record
     for key, value in values.items():
         _set(raw, key.split("."), value, source)
     return from_dict(raw, source=source)

@@ -18,8 +18,8 @@ A latency objective rewards a slow-to-train but easy-to-compress trial, which AS
 validation accuracy alone throws away; here both objectives decide. A stopped trial ends as
 Tune's TERMINATED with no objectives: Optuna records it as pruned, MLflow tags its run
 ``prunetune.status = stopped``, its checkpoint stays until the front is final. The rung records
-are kept in the experiment directory (``stopping.json``), so a resumed search decides as the
-first one did; a stopped trial is never restarted (Tune resumes unfinished trials only).
+are kept in the experiment directory (``stopping.json``; on an object store, there too), so a
+resumed search decides as the first one did; a stopped trial is never restarted (Tune resumes unfinished trials only).
 
 **The stop rule** (:class:`StopRule`): the search ends when ``[search] stop_after_minutes`` of
 wall clock or ``stop_after_epochs`` trial-epochs (the cluster's cost) are spent, or when the
@@ -40,7 +40,7 @@ from ray.tune import Stopper
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from trainables.names import DONE, PHASE, TRAIN
-from tuning import pareto
+from tuning import pareto, storage
 
 STOPPING_FILE = "stopping.json"
 PREDICTED = ("predicted_accuracy", "predicted_latency_ms")  # what a trial reports at a rung
@@ -90,11 +90,25 @@ def verdict(point: Point, others: Sequence[Point], margin: float, eta: int) -> s
 class ParetoStopping(FIFOScheduler):
     """Tune's scheduler for ``early_stop = "pareto"`` (see the module docstring)."""
 
-    def __init__(self, exp_dir: str | Path, rung_epochs: Sequence[int], eta: int, margin: float) -> None:
+    def __init__(self, exp_dir: str | Path, rung_epochs: Sequence[int], eta: int, margin: float,
+                 remote: str | None = None) -> None:
         super().__init__()
-        self.path = Path(exp_dir) / STOPPING_FILE
+        self.path, self.remote = Path(exp_dir) / STOPPING_FILE, remote  # remote: the experiment's object-store URI
         self.rung_epochs, self.eta, self.margin = tuple(rung_epochs), eta, margin
-        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self._load()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A restored Tuner unpickles the scheduler it was created with: read the records the search
+        had kept since (on an object store, where this machine keeps its copy of the experiment)."""
+        self.__dict__.update(state)
+        if self.remote:
+            self.path = storage.work_dir(self.remote) / STOPPING_FILE
+        self._load()
+
+    def _load(self) -> None:
+        text = storage.read_text(storage.join(self.remote, STOPPING_FILE)) if self.remote else (
+            self.path.read_text() if self.path.is_file() else None)
+        saved = json.loads(text) if text else {}
         self.records: dict[str, dict[str, Point]] = {r: {t: tuple(p) for t, p in v.items()}
                                                      for r, v in saved.get("rungs", {}).items()}
         self.stopped: dict[str, str] = saved.get("stopped", {})
@@ -114,7 +128,10 @@ class ParetoStopping(FIFOScheduler):
         if why:
             self.stopped[trial_id] = f"epoch {epoch}: {why}"
             print(f"early stop: trial {trial_id} at epoch {epoch}: {why}", flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps({"rungs": self.records, "stopped": self.stopped}, indent=1))
+        if self.remote:  # a driver that resumes elsewhere reads them there
+            storage.push(self.path.parent, self.remote, [STOPPING_FILE])
         return TrialScheduler.STOP if why else TrialScheduler.CONTINUE
 
 

@@ -36,7 +36,7 @@ from trainables.names import DIVERGED, DONE, EPOCH_METRICS, POINT_METRICS, TRAIN
 from tuning.names import (ACCURACY_FLOOR, CHECKPOINT_DIR, CHECKPOINT_TAG, CURVE_METRICS, DENSE_ACCURACY, ERROR_TAG,
                           EXPERIMENT_JSON, EXPERIMENT_TAGS, HYPERVOLUME, KEPT, KIND_TAG, LOST, PARENT_TAG, REMOVED,
                           SEARCH, SEARCH_DIR_TAG, STATUS_TAG, STOPPED, SWEEP_CSV, TRIAL, TRIAL_ID_TAG)
-from tuning import registry, report, runs
+from tuning import registry, report, runs, storage
 from tuning.report import TrialReport
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class MlflowTracking(Callback):
         self.uri = uri
         self.client = runs.check_reachable(uri)
         self.spec = spec_dict
-        self.exp_dir = str(Path(exp_dir).resolve())
+        self.exp_dir = str(exp_dir) if storage.is_remote(exp_dir) else str(Path(exp_dir).resolve())  # where it lives
         name = spec_dict["name"]
         exp = self.client.get_experiment_by_name(name)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)

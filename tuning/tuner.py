@@ -18,13 +18,14 @@ from ray import tune
 
 from trainables.data import Splits
 from trainables.names import PHASE
-from tuning import stopping
+from tuning import stopping, storage
 from tuning.space import Sampling
 from tuning.spec import Spec
 
 
 def create(spec: Spec, exp_dir: Path, splits: Splits, sampling: Sampling, callbacks: list[tune.Callback]) -> tune.Tuner:
-    """A new search in ``exp_dir`` (``storage_path/<name>-<time>``)."""
+    """A new search in ``exp_dir`` (``storage_path/<name>-<time>``; on an object store, Tune's
+    experiment and the checkpoints go there, ``exp_dir`` is the driver's copy)."""
     from ray.tune.schedulers import ASHAScheduler
 
     q = spec.search
@@ -34,12 +35,14 @@ def create(spec: Spec, exp_dir: Path, splits: Splits, sampling: Sampling, callba
         scheduler = ASHAScheduler(metric="val_accuracy", mode="max", time_attr="epoch",
                                   max_t=spec.train.epochs + 1, grace_period=1, reduction_factor=2)
     elif q.early_stop == "pareto":
-        scheduler = stopping.ParetoStopping(exp_dir, _rungs(spec), q.early_stop_eta, q.early_stop_margin)
+        remote = storage.location(q.storage_path, exp_dir) if storage.is_remote(q.storage_path) else None
+        scheduler = stopping.ParetoStopping(exp_dir, _rungs(spec), q.early_stop_eta, q.early_stop_margin, remote)
     stop = stopping.StopRule(q.stop_after_minutes, q.stop_after_epochs, q.stop_patience, q.stop_tolerance)
     tune_config = tune.TuneConfig(search_alg=sampling.searcher, scheduler=scheduler, num_samples=sampling.num_samples,
                                   max_concurrent_trials=q.max_concurrent_trials or None)
     run_config = tune.RunConfig(
-        name=exp_dir.name, storage_path=str(exp_dir.parent), progress_reporter=_reporter(spec, sampling), verbose=1,
+        name=exp_dir.name, storage_path=q.storage_path if storage.is_remote(q.storage_path) else str(exp_dir.parent),
+        progress_reporter=_reporter(spec, sampling), verbose=1,
         failure_config=tune.FailureConfig(max_failures=q.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1), callbacks=callbacks, stop=stop,
     )
@@ -50,7 +53,7 @@ def create(spec: Spec, exp_dir: Path, splits: Splits, sampling: Sampling, callba
 def restore(exp_dir: Path, spec: Spec, splits: Splits, sampling: Sampling) -> tune.Tuner:
     """The search in ``exp_dir`` as Tune saved it: finished trials stay, unfinished and errored
     ones continue from their checkpoints, the searcher keeps its study and its callbacks."""
-    return tune.Tuner.restore(str(exp_dir), trainable=_trainable(spec, splits, sampling), resume_unfinished=True,
+    return tune.Tuner.restore(storage.location(spec.search.storage_path, exp_dir), trainable=_trainable(spec, splits, sampling), resume_unfinished=True,
                               resume_errored=True)
 
 
