@@ -10,7 +10,8 @@ artifacts go to the bucket.
   checkpoint in the bucket; the driver is killed and ``prunetune resume s3://...``, from another
   working directory (another machine), finishes the search from the bucket and the database;
   retention removes the off-front trials' checkpoints from the bucket; ``prunetune export`` of a
-  front trial reads its checkpoint from MLflow's artifacts in the bucket.
+  front trial reads its checkpoint from MLflow's artifacts in the bucket, and of the registered
+  model its file there.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def test_bad_object_store_input_is_one_line_before_training(s3, postgres, tmp_pa
 
 def test_search_on_the_bucket_survives_a_lost_node_and_a_killed_driver(cluster, s3, postgres, mlflow, tmp_path):
     head, worker = list(cluster.nodes.values())[:2]
-    spec = write_spec(tmp_path / "bucketed.toml", ROOT, num_samples=2, epochs=3, train_size=120)
+    spec = write_spec(tmp_path / "bucketed.toml", ROOT, num_samples=2, epochs=3, train_size=120, register_models=1)
     env = {**cluster.env, "PRUNETUNE_STUDY_STORAGE": postgres.url(), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "search.log"
     proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "search", str(spec), "--address", cluster.address,
@@ -167,3 +168,8 @@ def test_search_on_the_bucket_survives_a_lost_node_and_a_killed_driver(cluster, 
                   env=clean)
     assert r.returncode == 0 and out.stat().st_size > 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert any(k.endswith("checkpoint/checkpoint.pt") for k in s3.keys("mlartifacts/")), s3.keys("mlartifacts/")
+    # the registered model of the front's best point, its file in the bucket too, exported as registered
+    r = prunetune("export", "models:/bucketed@best-accuracy", "-o", str(tmp_path / "best.onnx"), "--tracking-uri",
+                  mlflow.url, env=clean)
+    assert r.returncode == 0 and "the same bytes" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert any(k.endswith(".onnx") and "/models/" in k for k in s3.keys("mlartifacts/")), s3.keys("mlartifacts/")
