@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 from trainables import compress
 from trainables.errors import SpecError
 from trainables.model import check as check_model
-from tuning import studies
+from tuning import storage, studies
 
 if TYPE_CHECKING:
     from tuning.spec import Spec
@@ -118,7 +118,7 @@ def _study_storage(spec: Spec, need: Callable[[bool, str], None]) -> None:
              else f"${studies.ENV} ([search] study_storage's default)")
     wrong = studies.problem(q.study_storage)
     need(wrong is None, f"{where} {wrong}")
-    need("://" not in q.storage_path or q.sampler == "grid" or studies.is_server(q.study_storage),
+    need(not storage.is_remote(q.storage_path) or q.sampler == "grid" or studies.is_server(q.study_storage),
          f"[search] storage_path {q.storage_path!r} is an object store, where the Optuna study cannot be a SQLite "
          f"file: give the study a database server, {studies.HOW_TO_SET}"
          + (f" (now {studies.public(q.study_storage)!r})" if q.study_storage else ""))

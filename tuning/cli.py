@@ -11,7 +11,7 @@ from typing import Sequence
 
 from trainables.errors import NoFeasiblePoint, PrunetuneError
 from trainables.names import CHECKPOINT_FILE, CheckpointMeta
-from tuning import _arguments, _scoped, runs, spec as spec_mod
+from tuning import _arguments, _scoped, runs, spec as spec_mod, storage
 
 
 
@@ -120,7 +120,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     if jobs.is_jobs_address(args.address):  # the directory is on the cluster: resume there, as a job
         return jobs.announce(jobs.submit_resume(args.path, args.address), args.follow)
-    jobs.leave_job_dir(args.path if "://" in args.path else str(Path(args.path).resolve().parent))
+    jobs.leave_job_dir(args.path if storage.is_remote(args.path) else str(Path(args.path).resolve().parent))
     return _exit_code(driver.resume(args.path, address=args.address))
 
 

@@ -130,13 +130,12 @@ def check_storage(storage_path: str) -> None:
 
 
 def _check_object_store(uri: str, nodes: list[dict]) -> None:
-    """An object store: this process and a task on every alive node write, read back and delete a
-    marker there (each node needs the store's credentials and address in its own environment).
-    Raises StorageError with the first node's reason, ClusterError naming nodes that did not answer."""
+    """An object store: a task on every alive node writes, reads back and deletes a marker there
+    (each node needs the store's credentials and address in its own environment; this process
+    probed it before connecting to Ray). Raises StorageError with the first node's reason,
+    ClusterError naming nodes that did not answer."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    storage.probe(uri)
 
     @ray.remote(num_cpus=0)
     def probe(u: str) -> str | None:

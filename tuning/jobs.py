@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 from trainables.errors import SubmitError
 from tuning.names import CREDENTIALS_FILE
-from tuning import runs
+from tuning import runs, storage
 from tuning.spec import Spec
 
 if TYPE_CHECKING:
@@ -258,19 +258,19 @@ def leave_job_dir(storage_path: str) -> None:
         os.environ.update(json.loads(secret.read_text())["env"])
         secret.unlink()
     _keep_working_dir_from_trials()
-    if "://" in storage_path:  # an object store: nothing of the search stays in the job's directory
+    if storage.is_remote(storage_path):  # an object store: nothing of the search stays in the job's directory
         os.chdir(Path.home())
         return
-    storage, scratch = Path(storage_path).resolve(), _ray_temp_dir(job_dir)
-    if scratch is not None and (storage == scratch or scratch in storage.parents):
-        raise SubmitError(f"search.storage_path {storage} is inside {scratch}, the job's scratch space, which Ray "
+    results, scratch = Path(storage_path).resolve(), _ray_temp_dir(job_dir)
+    if scratch is not None and (results == scratch or scratch in results.parents):
+        raise SubmitError(f"search.storage_path {results} is inside {scratch}, the job's scratch space, which Ray "
                           "deletes: the Optuna study, the checkpoints and the tables would go with it. Set "
                           "PRUNETUNE_STORAGE_PATH on the cluster (a filesystem every node shares) or pass "
                           "--set search.storage_path=/absolute/path")
-    storage.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
     print(f"job working directory {job_dir}{' (Ray deletes it with the job)' if scratch else ''}; results under "
-          f"{storage}", flush=True)
-    os.chdir(storage)
+          f"{results}", flush=True)
+    os.chdir(results)
 
 
 def _keep_working_dir_from_trials() -> None:

@@ -21,10 +21,8 @@ once the front is logged. Applying it again changes nothing.
 """
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -79,7 +77,7 @@ def apply(spec: Spec, res: SearchResult, tracker: MlflowTracking | None) -> Plan
                   file=sys.stderr, flush=True)
             return None
     dirs = res.trials.set_index("trial_id").loc[todo.remove, "trial_dir"] if todo.remove else []
-    freed = sum(storage.remove_checkpoints(d) if storage.is_remote(d) else _remove(Path(d)) for d in dirs)
+    freed = sum(storage.remove_checkpoints(d) for d in dirs)
     other = ('keep_checkpoints = "front" keeps only those' if keep == "all" else
              'keep_checkpoints = "all" keeps every one')
     logged = " and logged to MLflow" if tracker is not None else ""
@@ -87,16 +85,6 @@ def apply(spec: Spec, res: SearchResult, tracker: MlflowTracking | None) -> Plan
           f"({'every finished trial' if keep == 'all' else 'the trials with a point on the Pareto front'}), "
           f"{len(todo.remove)} removed from storage ({freed / 1e6:.0f} MB); {other}", flush=True)
     return todo
-
-
-def _remove(trial_dir: Path) -> int:
-    """Delete a trial's checkpoint directories (Tune's ``checkpoint_NNNNNN``); the bytes freed."""
-    freed = 0
-    for d in trial_dir.glob("checkpoint_*"):
-        if d.is_dir():
-            freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-            shutil.rmtree(d)
-    return freed
 
 
 def why_missing(client: MlflowClient, run_id: str) -> str | None:

@@ -27,7 +27,7 @@ from trainables.model import ModelConfig, is_weights_file
 from trainables.errors import SpecError
 from trainables.sweep import SweepConfig
 from trainables.train import TrainConfig
-from tuning import _checks, studies
+from tuning import _checks, storage, studies
 from tuning.front import Limit
 from tuning.pareto import Objective
 
@@ -235,7 +235,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Spec:
     relative = set()
     for section, key in _PATH_KEYS | ({("model", "weights")} if is_weights_file(spec.model.weights) else set()):
         sec, value = getattr(spec, section), getattr(getattr(spec, section), key)
-        if value and "://" not in value:  # URIs (s3://...) stay as they are
+        if value and not storage.is_remote(value):  # URIs (s3://...) stay as they are
             if not Path(value).expanduser().is_absolute():
                 relative.add(f"{section}.{key}")
             setattr(sec, key, str(Path(value).expanduser().resolve()))

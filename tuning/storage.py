@@ -71,9 +71,11 @@ def read_text(uri: str) -> str | None:
 
 
 def filesystem(uri: str):
-    """(pyarrow filesystem, path on it) of an object-store URI."""
+    """(pyarrow filesystem, path on it) of an object-store URI, or of a local directory."""
     import pyarrow.fs
 
+    if not is_remote(uri):
+        return pyarrow.fs.LocalFileSystem(), str(Path(uri).resolve())
     try:
         return pyarrow.fs.FileSystem.from_uri(uri)
     except (OSError, ValueError) as e:
@@ -170,12 +172,12 @@ def localize(trials: pd.DataFrame, exp_dir: Path, scheme: str, trial_ids: Iterab
     return trials
 
 
-def remove_checkpoints(trial_uri: str) -> int:
-    """Delete a trial's checkpoint directories (Tune's ``checkpoint_NNNNNN``) from the store; the
-    bytes freed."""
+def remove_checkpoints(trial_dir: str) -> int:
+    """Delete a trial's checkpoint directories (Tune's ``checkpoint_NNNNNN``), in the store or a
+    local directory; the bytes freed."""
     import pyarrow.fs
 
-    fs, path = filesystem(trial_uri)
+    fs, path = filesystem(trial_dir)
     freed = 0
     for d in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)):
         if d.type == pyarrow.fs.FileType.Directory and d.base_name.startswith("checkpoint_"):
