@@ -75,6 +75,16 @@ def trial_prefixes(s3: S3Server, exp_prefix: str) -> list[str]:
                    if "/train_and_sweep" in k[len(exp_prefix) - 1:]})
 
 
+def saved_epochs(s3: S3Server, exp_prefix: str) -> dict[str, int]:
+    """The epoch of each trial's last checkpoint in the experiment state Tune saved in the bucket: where a
+    resume goes on from. Tune saves the state at every checkpoint and uploads it in the background with the
+    reports, so a driver killed mid-upload leaves it up to one epoch behind the reports."""
+    keys = sorted(k for k in s3.keys(exp_prefix) if k[len(exp_prefix):].startswith("experiment_state-"))
+    state = json.loads(read(s3, keys[-1]))
+    last = [json.loads(meta).get("last_result") or {} for _, meta in state["trial_data"]]
+    return {r["trial_id"]: r.get("epoch", 0) for r in last if "trial_id" in r}
+
+
 def test_bad_object_store_input_is_one_line_before_training(s3, postgres, tmp_path):
     spec = write_spec(tmp_path / "badstore.toml", ROOT, num_samples=2, epochs=1)
     env = {**os.environ, **s3.env, "PRUNETUNE_WORK_DIR": str(tmp_path / "work")}
@@ -99,7 +109,7 @@ def test_bad_object_store_input_is_one_line_before_training(s3, postgres, tmp_pa
 
 def test_search_on_the_bucket_survives_a_lost_node_and_a_killed_driver(cluster, s3, postgres, mlflow, tmp_path):
     head, worker = list(cluster.nodes.values())[:2]
-    spec = write_spec(tmp_path / "bucketed.toml", ROOT, num_samples=2, epochs=3, train_size=120, register_models=1)
+    spec = write_spec(tmp_path / "bucketed.toml", ROOT, num_samples=2, epochs=4, train_size=120, register_models=1)
     env = {**cluster.env, "PRUNETUNE_STUDY_STORAGE": postgres.url(), "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "search.log"
     proc = subprocess.Popen([sys.executable, "-m", "tuning.cli", "search", str(spec), "--address", cluster.address,
@@ -128,16 +138,25 @@ def test_search_on_the_bucket_survives_a_lost_node_and_a_killed_driver(cluster, 
 
         victim = wait_for(a_trial_checkpointed_on_the_worker, "a trial checkpointing on the worker node", 300, log)
         cluster.kill_node(worker)
-        reported = sum(len(reports(s3, t)) for t in trial_prefixes(s3, prefix))
-        # the search goes on without the node; then its driver dies too
-        wait_for(lambda: alive() or sum(len(reports(s3, t)) for t in trial_prefixes(s3, prefix)) > reported,
-                 "a report after the node loss", 300, log)
-        proc.kill()
+
+        def continued_on_the_head() -> list | None:
+            alive()
+            train = [(x["epoch"], x["node_id"]) for x in reports(s3, victim) if x.get("phase") == "train"]
+            return train if any(n == head for _, n in train) else None
+
+        # the search goes on without the node: the trial it ran goes on from its checkpoint in the bucket
+        moved = wait_for(continued_on_the_head, "the lost node's trial going on on the head node", 600, log)
+        on_worker = [e for e, n in moved if n == worker]
+        after = [e for e, n in moved if n == head]
+        assert on_worker and after[0] == on_worker[-1] + 1, moved  # not from scratch: from the worker's checkpoint
+        proc.kill()  # then its driver dies too
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert "trials.csv" not in " ".join(s3.keys(prefix))  # it had not finished
+    before = {t: reports(s3, t) for t in trial_prefixes(s3, prefix)}
+    saved = saved_epochs(s3, prefix)
     uri = f"s3://prunetune/{prefix.rstrip('/')}"
     assert uri in log.read_text()  # where to resume from, as printed
     # another machine resumes it: its own working directory, the password from its environment
@@ -146,13 +165,13 @@ def test_search_on_the_bucket_survives_a_lost_node_and_a_killed_driver(cluster, 
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
     trials = pd.read_csv(io.BytesIO(read(s3, f"{prefix}trials.csv")), dtype={"trial_id": str})
     assert len(trials) == 2 and (trials.status == "done").all(), trials.to_string()
-    for t in trial_prefixes(s3, prefix):  # every epoch trained once at most, none from scratch again
-        train = [(x["epoch"], x["node_id"]) for x in reports(s3, t) if x.get("phase") == "train"]
-        assert [e for e, _ in train].count(1) == 1 and reports(s3, t)[-1]["phase"] == "done", (t, train)
-    train = [(x["epoch"], x["node_id"]) for x in reports(s3, victim) if x.get("phase") == "train"]
-    on_worker = [e for e, n in train if n == worker]
-    after = [e for e, n in train if n == head]
-    assert on_worker and after and after[0] == on_worker[-1] + 1, train  # continued from its checkpoint in the bucket
+    for t, old in before.items():  # each trial goes on from the checkpoint the saved state names, none from scratch
+        rs = reports(s3, t)
+        again = [x["epoch"] for x in rs[len(old):] if x.get("phase") == "train"]
+        trial_id = old[0]["trial_id"]
+        assert rs[:len(old)] == old and rs[-1]["phase"] == "done", (t, len(old), len(rs))
+        assert not again or again[0] == saved.get(trial_id, 0) + 1, (t, saved, again)
+    assert saved[before[victim][0]["trial_id"]] >= on_worker[-1], saved  # the dead node's checkpoint, in the bucket
     # retention: only the front's trials keep checkpoints in the bucket
     front = set(pd.read_csv(io.BytesIO(read(s3, f"{prefix}pareto.csv")), dtype={"trial_id": str}).trial_id)
     assert trials.trial_dir.str.startswith(f"s3://prunetune/{prefix}").all(), trials.trial_dir  # where they live
