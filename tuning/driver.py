@@ -131,9 +131,10 @@ def _run(spec: Spec, exp_dir: Path, uri: str, slots: int, restore: bool) -> Sear
     if tracker is not None:
         tracker.finish(res, splits)
     retention.apply(spec, res, tracker)  # the front is final: [search] keep_checkpoints
-    if storage.is_remote(where):
+    remote = storage.is_remote(where)
+    if remote:
         storage.push(exp_dir, where)  # the tables, the plot, the quiet latencies
-    print(results.summary(res), flush=True)
+    print(results.summary(res, where if remote else None), flush=True)
     if front.rules.budgeted and len(front) and not front.feasible:
         print(front_mod.closest(front.shippable, front.rules, front.dense_accuracy), flush=True)
     return res

@@ -130,8 +130,9 @@ def _plot(front: Front, out: Path) -> Path | None:
     return out
 
 
-def summary(res: SearchResult) -> str:
-    """Trial counts by status, the front's points, where the tables are."""
+def summary(res: SearchResult, where: str | None = None) -> str:
+    """Trial counts by status, the front's points, where the tables are: ``where``, the
+    experiment's URI on an object store (``res.path`` is then the driver's local copy)."""
     t, front = res.trials, res.front
     lines = [f"\n{len(t)} trials: " + ", ".join(f"{n} {s}" for s, n in t.status.value_counts().items())]
     if len(front):
@@ -147,5 +148,6 @@ def summary(res: SearchResult) -> str:
     else:
         lines.append("no shippable point above the floor: no Pareto front" if len(res.points) else
                      "no completed trial: no Pareto front")
-    lines.append(f"results: {res.path} ({TRIALS_CSV}, {POINTS_CSV}, {FRONT_CSV})")
+    at = f"{where} (local copy: {res.path})" if where else res.path
+    lines.append(f"results: {at} ({TRIALS_CSV}, {POINTS_CSV}, {FRONT_CSV})")
     return "\n".join(lines)
