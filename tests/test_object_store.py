@@ -163,6 +163,7 @@ def test_search_on_the_bucket_survives_a_lost_node_and_a_killed_driver(cluster, 
     r = prunetune("resume", uri, "--address", cluster.address, env={**env, "PRUNETUNE_WORK_DIR": str(tmp_path / "driver2")},
                   timeout=900)
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
+    assert f"results: {uri} (local copy: " in r.stdout, r.stdout[-3000:]  # the tables are in the bucket
     trials = pd.read_csv(io.BytesIO(read(s3, f"{prefix}trials.csv")), dtype={"trial_id": str})
     assert len(trials) == 2 and (trials.status == "done").all(), trials.to_string()
     for t, old in before.items():  # each trial goes on from the checkpoint the saved state names, none from scratch
@@ -177,7 +178,9 @@ def test_search_on_the_bucket_survives_a_lost_node_and_a_killed_driver(cluster, 
     assert trials.trial_dir.str.startswith(f"s3://prunetune/{prefix}").all(), trials.trial_dir  # where they live
     kept = {r.trial_id for r in trials.itertuples()
             if any("/checkpoint_" in k for k in s3.keys(r.trial_dir.removeprefix("s3://prunetune/") + "/"))}
-    assert kept == front and len(kept) < 2, (kept, front)  # one trial's were removed
+    # the front's trials keep theirs, the other's were removed (both trials are on it only when their best
+    # points tie: the same architecture has one quiet latency, and accuracy on 20 images ties at times)
+    assert kept == front, (kept, front)
     # export a front trial's model: its checkpoint comes from MLflow's artifacts, which live in the bucket
     points = json.loads(prunetune("pareto", "--experiment", "bucketed", "--json", "--tracking-uri", mlflow.url,
                                   env=env).stdout.strip().splitlines()[-1])
