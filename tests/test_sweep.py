@@ -54,6 +54,22 @@ def test_int8_doubles_points_and_latency_cache_is_shared(trained):
     assert list(again.latency_ms) == list(df.latency_ms)
 
 
+def test_a_pruned_point_alone_builds_no_dense_file_once_the_dense_latency_is_timed(trained, monkeypatch):
+    """An early-stopping rung sweeps one pruned point; its latency_speedup needs the dense
+    latency, which the search's cache holds after the first rung: no dense ONNX export for it."""
+    from trainables import ort
+    model, splits = trained
+    cache: dict = {}
+    one = quick(methods=["channel_l1"], ratios=[0.5], runtime="onnxruntime")
+    first = run_sweep(model, splits, one, TRAIN, latency_cache=cache, progress=False)
+    exports = []
+    real = ort.export_core
+    monkeypatch.setattr(ort, "export_core", lambda m, name: exports.append(name) or real(m, name))
+    again = run_sweep(model, splits, one, TRAIN, latency_cache=cache, progress=False)
+    assert exports == ["channel_l1 at ratio 0.5"]  # the point's own file only
+    assert list(again.latency_speedup) == list(first.latency_speedup) and (first.latency_speedup > 1).all()
+
+
 def test_finetune_keeps_pruned_weights_zero(trained):
     model, splits = trained
     pruned = compress.prune(model, "global_l1", 0.6)

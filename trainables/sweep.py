@@ -164,12 +164,15 @@ class _Sweep:
         bs = self.train_cfg.eval_batch_size
         return evaluate(m, val, bs), evaluate(m, test, bs)
 
+    @staticmethod
+    def _latency_key(model: nn.Module, onnx: bool, int8: bool) -> str:
+        """The latency cache's key: what determines latency (the architecture) and what times it."""
+        return compress.architecture_signature(model) + (f"/onnxruntime{'-int8' if int8 else ''}" if onnx else "")
+
     def latency(self, shipped: _Shipped) -> dict[str, Any]:
         """Timed once per architecture (and runtime), then taken from the cache."""
         c, m = self.cfg, shipped.model
-        key = compress.architecture_signature(m)
-        if shipped.onnx is not None:
-            key += f"/onnxruntime{'-int8' if shipped.int8 else ''}"
+        key = self._latency_key(m, shipped.onnx is not None, shipped.int8)
         if key not in self.cache:
             if shipped.onnx is None:
                 entry = measure.cpu_latency(m, threads=c.latency_threads, runs=c.latency_runs, warmup=c.latency_warmup)
@@ -259,6 +262,9 @@ class _Sweep:
         if self._dense:
             return self.latency(self._dense[0])["latency_ms"]
         m = compress.make_permanent(self.model).cpu().eval()
+        key = self._latency_key(m, self.cfg.runtime == "onnxruntime", False)
+        if key in self.cache:  # another trial or rung timed it: building the file only to look it up cost an export
+            return self.cache[key]["latency_ms"]
         return self.latency(self.ship(m, lambda: self.dense_accuracy, None, "the dense model")[0])["latency_ms"]
 
 
